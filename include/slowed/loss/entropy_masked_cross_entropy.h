@@ -1,0 +1,272 @@
+#pragma once
+
+// EntropyMaskedCrossEntropy: cross-entropy with Low-Entropy Masking (SLowED, arXiv 2508.09666).
+//
+// Per token i with logits z_i over V classes: p = softmax(z_i), H_i = -sum_j p_j log p_j (fp32,
+// no gradient). Tokens whose entropy is below a threshold are "already certain" and are left
+// out of the loss; ignore_index tokens never count. The public layer validates the inputs once,
+// then runs a custom autograd function whose forward computes the loss, the statistics and (when
+// the logits require grad) the weighted gradient; backward only scales that gradient by the
+// upstream gradient, per token for Reduction::None.
+
+#include <slowed/detail/check.h>
+#include <slowed/loss/entropy_mask_stats.h>
+#include <slowed/loss/entropy_masked_cross_entropy_options.h>
+#include <slowed/loss/entropy_masked_cross_entropy_reference.h>
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+
+#include <optional>
+#include <utility>
+
+namespace slowed {
+namespace detail {
+
+/// Shape/dtype/device checks that need no look at the data.
+inline void check_loss_arguments(const at::Tensor& logits, const at::Tensor& targets,
+                                 const at::Tensor& reference_entropy,
+                                 const EntropyMaskedCrossEntropyOptions& opt) {
+  TORCH_CHECK(logits.defined(), "logits: expected a tensor, got an undefined tensor");
+  TORCH_CHECK(targets.defined(), "targets: expected a tensor, got an undefined tensor");
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3,
+              "logits: expected shape [N, V] or [B, T, V], got ", shape_string(logits.sizes()));
+  TORCH_CHECK(is_supported_float(logits.scalar_type()),
+              "logits: expected dtype float32, bfloat16, float16 or float64, got ",
+              logits.scalar_type());
+  TORCH_CHECK(logits.size(-1) > 0, "logits: expected V >= 1 classes in the last dimension, got ",
+              shape_string(logits.sizes()));
+  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
+              "targets: expected integer class indices (int64 or int32), got ",
+              targets.scalar_type());
+  const auto lead = logits.sizes().slice(0, logits.dim() - 1);
+  TORCH_CHECK(targets.sizes() == lead, "targets: expected shape ", shape_string(lead),
+              " to match logits ", shape_string(logits.sizes()), ", got ",
+              shape_string(targets.sizes()));
+  TORCH_CHECK(targets.device() == logits.device(), "targets: expected device ",
+              logits.device(), " (the logits' device), got ", targets.device());
+  if (reference_entropy.defined()) {
+    TORCH_CHECK(reference_entropy.is_floating_point(),
+                "reference_entropy: expected a floating-point tensor, got ",
+                reference_entropy.scalar_type());
+    TORCH_CHECK(reference_entropy.sizes() == lead, "reference_entropy: expected shape ",
+                shape_string(lead), " (the targets' shape), got ",
+                shape_string(reference_entropy.sizes()));
+    TORCH_CHECK(reference_entropy.device() == logits.device(),
+                "reference_entropy: expected device ", logits.device(), ", got ",
+                reference_entropy.device());
+  }
+  if (opt.inplace_backward() && logits.requires_grad()) {
+    TORCH_CHECK(logits.is_contiguous(),
+                "logits: inplace_backward needs contiguous logits (the gradient is written over "
+                "them), got strides ", shape_string(logits.strides()));
+  }
+}
+
+inline FlatInputs flatten_inputs(const at::Tensor& logits, const at::Tensor& targets,
+                                 const at::Tensor& reference_entropy,
+                                 const EntropyMaskedCrossEntropyOptions& opt) {
+  const int64_t vocab = logits.size(-1);
+  const int64_t n = logits.numel() / vocab;
+  FlatInputs in;
+  in.logits = logits.reshape({n, vocab});
+  in.targets = targets.reshape({n}).to(at::kLong);
+  in.valid = in.targets != opt.ignore_index();
+  at::Tensor in_range = (in.targets >= 0) & (in.targets < vocab);
+  in.safe_targets = at::where(in.valid & in_range, in.targets, at::zeros({}, in.targets.options()));
+  if (reference_entropy.defined()) in.reference = reference_entropy.reshape({n});
+  return in;
+}
+
+/// Data checks (target range, finite log-sum-exp, finite reference entropies), with a single
+/// host synchronization. Errors name the argument and the first offending position.
+inline void check_loss_data(const FlatInputs& in, const at::Tensor& lse,
+                            const EntropyMaskedCrossEntropyOptions& opt) {
+  const int64_t vocab = in.logits.size(1);
+  at::Tensor bad_target = in.valid & ((in.targets < 0) | (in.targets >= vocab));
+  at::Tensor bad_row = ~at::isfinite(lse);
+  at::Tensor bad_ref = in.reference.defined() ? in.valid & ~at::isfinite(in.reference)
+                                              : at::zeros_like(in.valid);
+  at::Tensor flags = at::stack({bad_target.any(), bad_row.any(), bad_ref.any()}).cpu();
+  auto f = flags.accessor<bool, 1>();
+  auto first = [](const at::Tensor& mask) { return at::nonzero(mask)[0][0].item<int64_t>(); };
+  if (f[0]) {
+    const int64_t i = first(bad_target);
+    TORCH_CHECK(false, "targets: expected class indices in [0, ", vocab, ") or ignore_index (",
+                opt.ignore_index(), "), got ", in.targets[i].item<int64_t>(),
+                " at flat position ", i);
+  }
+  if (f[1]) {
+    const int64_t i = first(bad_row);
+    TORCH_CHECK(false, "logits: expected finite values, row ", i,
+                " (flat position) has log-sum-exp ", lse[i].item<double>(),
+                " (NaN or Inf logits)");
+  }
+  if (f[2]) {
+    const int64_t i = first(bad_ref);
+    TORCH_CHECK(false, "reference_entropy: expected finite values at valid tokens, got ",
+                in.reference[i].item<double>(), " at flat position ", i);
+  }
+}
+
+/// The whole forward on validated inputs: loss, stats and (if `need_grad`) the weighted grad.
+/// Backends with a fused kernel replace phases A and C; phase B is shared.
+inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const at::Tensor& targets,
+                                               const at::Tensor& reference_entropy,
+                                               const EntropyMaskedCrossEntropyOptions& opt,
+                                               bool need_grad) {
+  FlatInputs in = flatten_inputs(logits, targets, reference_entropy, opt);
+  const auto cdt = compute_dtype(logits.scalar_type());
+  RowTerms terms = reference_row_terms(in.logits, in.safe_targets, opt);
+  if (opt.check_inputs()) check_loss_data(in, terms.lse, opt);
+
+  MaskDecision d =
+      decide_mask(in.reference.defined() ? in.reference : terms.entropy, in.valid, opt);
+  at::Tensor n_valid = in.valid.sum();
+  at::Tensor n_kept = d.keep.sum();
+  at::Tensor w = row_weights(d, n_valid, n_kept, cdt, opt.reduction());
+  at::Tensor zero = at::zeros({}, terms.loss.options());
+  at::Tensor kept_loss = at::where(d.keep, terms.loss, zero);
+
+  ForwardResult r;
+  if (opt.reduction() == Reduction::None) {
+    r.loss = kept_loss.reshape(targets.sizes());
+  } else {
+    r.loss = (kept_loss * w).sum();
+  }
+  if (need_grad) {
+    r.grad = opt.inplace_backward() ? in.logits : at::empty_like(in.logits);
+    reference_row_grad(in.logits, in.safe_targets, terms.lse, w, opt, r.grad);
+  }
+  at::Tensor valid_f = in.valid.to(at::kFloat);
+  r.stats.num_valid = n_valid;
+  r.stats.num_kept = n_kept;
+  r.stats.kept_fraction = n_kept.to(at::kFloat) / n_valid.clamp_min(1).to(at::kFloat);
+  r.stats.mean_entropy =
+      (at::where(in.valid, terms.entropy.to(at::kFloat), at::zeros({}, valid_f.options())))
+          .sum() /
+      n_valid.clamp_min(1).to(at::kFloat);
+  r.stats.threshold = d.threshold;
+  return r;
+}
+
+/// Custom autograd function: forward computes loss and gradient together, backward scales.
+struct EntropyMaskedCrossEntropyFunction
+    : public torch::autograd::Function<EntropyMaskedCrossEntropyFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                            const at::Tensor& targets,
+                            const std::optional<at::Tensor>& reference_entropy,
+                            const EntropyMaskedCrossEntropyOptions& opt, EntropyMaskStats* stats) {
+    const bool need_grad = logits.requires_grad();
+    ForwardResult r = entropy_masked_ce_forward(
+        logits, targets, reference_entropy.value_or(at::Tensor()), opt, need_grad);
+    if (stats) *stats = r.stats;
+    if (need_grad) {
+      ctx->saved_data["grad"] = r.grad;
+      ctx->saved_data["logits_shape"] = logits.sizes().vec();
+      ctx->saved_data["none"] = opt.reduction() == Reduction::None;
+      ctx->saved_data["inplace"] = opt.inplace_backward();
+    }
+    return r.loss;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    at::Tensor grad = ctx->saved_data["grad"].toTensor();  // [N, V], weights applied
+    at::Tensor go = grad_outputs[0];
+    if (ctx->saved_data["none"].toBool()) go = go.reshape({grad.size(0), 1});
+    go = go.to(grad.scalar_type());
+    at::Tensor g = ctx->saved_data["inplace"].toBool() ? grad.mul_(go) : grad * go;
+    return {g.view(ctx->saved_data["logits_shape"].toIntVector()), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace detail
+
+/// Cross-entropy with Low-Entropy Masking, as a free function.
+///
+/// `logits` [N, V] or [B, T, V] (float32, bfloat16, float16 or float64); `targets` int64/int32
+/// shaped like logits without the last dimension; `reference_entropy` (optional) replaces the
+/// current entropies in the keep decision; `stats` (optional) receives the per-call statistics.
+/// The loss is float32 (float64 for float64 logits); the gradient has the logits' dtype.
+///
+/// Example:
+/// ```
+/// auto opts = slowed::EntropyMaskedCrossEntropyOptions().entropy_threshold(0.3);
+/// torch::Tensor loss = slowed::entropy_masked_cross_entropy(logits, targets, opts);
+/// loss.backward();
+/// ```
+inline at::Tensor entropy_masked_cross_entropy(
+    const at::Tensor& logits, const at::Tensor& targets,
+    const EntropyMaskedCrossEntropyOptions& options = {},
+    const at::Tensor& reference_entropy = {}, EntropyMaskStats* stats = nullptr) {
+  detail::check_loss_arguments(logits, targets, reference_entropy, options);
+  // An undefined tensor may not enter autograd's input list: absent means std::nullopt.
+  std::optional<at::Tensor> reference;
+  if (reference_entropy.defined()) reference = reference_entropy.detach();
+  return detail::EntropyMaskedCrossEntropyFunction::apply(logits, targets, reference, options,
+                                                          stats);
+}
+
+/// Cross-entropy with Low-Entropy Masking, as a functor that keeps the last call's statistics.
+///
+/// Example:
+/// ```
+/// slowed::EntropyMaskedCrossEntropy loss_fn(
+///     slowed::EntropyMaskedCrossEntropyOptions().entropy_threshold(0.3));
+/// auto loss = loss_fn(logits, targets);   // logits [B, T, V], targets [B, T]
+/// loss.backward();
+/// double kept = loss_fn.last_stats().kept_fraction.item<double>();
+/// ```
+class EntropyMaskedCrossEntropy {
+ public:
+  explicit EntropyMaskedCrossEntropy(EntropyMaskedCrossEntropyOptions options = {})
+      : options_(std::move(options)) {}
+
+  at::Tensor forward(const at::Tensor& logits, const at::Tensor& targets,
+                     const at::Tensor& reference_entropy = {}) {
+    return entropy_masked_cross_entropy(logits, targets, options_, reference_entropy,
+                                        &last_stats_);
+  }
+  at::Tensor operator()(const at::Tensor& logits, const at::Tensor& targets,
+                        const at::Tensor& reference_entropy = {}) {
+    return forward(logits, targets, reference_entropy);
+  }
+
+  const EntropyMaskedCrossEntropyOptions& options() const { return options_; }
+  EntropyMaskedCrossEntropyOptions& options() { return options_; }
+  /// Statistics of the last call (undefined tensors before the first call).
+  const EntropyMaskStats& last_stats() const { return last_stats_; }
+
+ private:
+  EntropyMaskedCrossEntropyOptions options_;
+  EntropyMaskStats last_stats_;
+};
+
+/// Predicted entropy (nats, float32, no gradient) of each token's distribution, shaped like the
+/// logits without the last dimension. Use it to record reference entropies, e.g. from the
+/// initial model, for the `reference_entropy` argument.
+///
+/// Example:
+/// ```
+/// torch::Tensor h0 = slowed::token_entropy(initial_model->forward(input_ids));  // [B, T]
+/// ```
+inline at::Tensor token_entropy(const at::Tensor& logits, double softcap = 0.0) {
+  TORCH_CHECK(logits.defined() && logits.dim() >= 1, "logits: expected a tensor [..., V]");
+  TORCH_CHECK(detail::is_supported_float(logits.scalar_type()),
+              "logits: expected a floating-point dtype, got ", logits.scalar_type());
+  TORCH_CHECK(logits.size(-1) > 0, "logits: expected V >= 1, got ",
+              detail::shape_string(logits.sizes()));
+  detail::check_finite_option(softcap, "softcap");
+  at::NoGradGuard no_grad;
+  const int64_t vocab = logits.size(-1);
+  const int64_t n = logits.numel() / vocab;
+  auto opt = EntropyMaskedCrossEntropyOptions().softcap(softcap);
+  at::Tensor rows = logits.detach().reshape({n, vocab});
+  at::Tensor t = at::zeros({n}, logits.options().dtype(at::kLong));
+  at::Tensor h = detail::reference_row_terms(rows, t, opt).entropy.to(at::kFloat);
+  return h.reshape(logits.sizes().slice(0, logits.dim() - 1));
+}
+
+}  // namespace slowed

@@ -1,0 +1,167 @@
+#pragma once
+
+// Plain-ATen reference implementation of entropy-masked cross-entropy.
+//
+// It is the fallback for every device and dtype without a fused kernel and the oracle the fused
+// kernels are tested against. It works in row chunks so that its fp32 temporaries stay below
+// `kReferenceChunkElements` elements whatever N is. Three phases:
+//   A. per row: log-sum-exp, entropy and the unweighted per-token loss (one read of the logits);
+//   B. per call: the keep decision and the per-row weights (O(N) work on [N] vectors);
+//   C. per row: the gradient, weighted, in the logits' dtype (a second read of the logits).
+// The fused kernels compute the same quantities; docs/numerics.md gives the formulas.
+
+#include <slowed/detail/check.h>
+#include <slowed/loss/entropy_mask_stats.h>
+#include <slowed/loss/entropy_masked_cross_entropy_options.h>
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <limits>
+
+namespace slowed {
+namespace detail {
+
+/// Upper bound on the elements of one row chunk's temporaries (about 256 MB in fp32).
+inline constexpr int64_t kReferenceChunkElements = int64_t(1) << 26;
+
+inline at::ScalarType compute_dtype(at::ScalarType logits_dtype) {
+  return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline int64_t reference_chunk_rows(int64_t vocab) {
+  return std::max<int64_t>(1, kReferenceChunkElements / std::max<int64_t>(vocab, 1));
+}
+
+/// Rows [n, V] in the compute dtype with the softcap applied.
+inline at::Tensor capped_rows(const at::Tensor& rows, double softcap) {
+  at::Tensor z = rows.to(compute_dtype(rows.scalar_type()));
+  if (softcap > 0.0) z = at::tanh(z / softcap) * softcap;
+  return z;
+}
+
+/// Per-row terms of the loss, all [N] in the compute dtype.
+struct RowTerms {
+  at::Tensor lse;      ///< log-sum-exp of the (capped) logits
+  at::Tensor entropy;  ///< -sum p log p, clamped at 0
+  at::Tensor loss;     ///< unweighted per-token loss (label smoothing and z-loss included)
+};
+
+/// Phase A for rows `z2d` [N, V] with `safe_targets` [N] int64 in [0, V).
+inline RowTerms reference_row_terms(const at::Tensor& z2d, const at::Tensor& safe_targets,
+                                    const EntropyMaskedCrossEntropyOptions& opt) {
+  const int64_t n = z2d.size(0), vocab = z2d.size(1);
+  const auto cdt = compute_dtype(z2d.scalar_type());
+  auto f = z2d.options().dtype(cdt);
+  RowTerms out{at::empty({n}, f), at::empty({n}, f), at::empty({n}, f)};
+  const double eps = opt.label_smoothing(), zs = opt.lse_square_scale();
+  const int64_t step = reference_chunk_rows(vocab);
+  for (int64_t r0 = 0; r0 < n; r0 += step) {
+    const int64_t len = std::min(step, n - r0);
+    at::Tensor z = capped_rows(z2d.narrow(0, r0, len), opt.softcap());  // [len, V]
+    at::Tensor lse = at::logsumexp(z, {1});                              // [len]
+    at::Tensor p = at::exp(z - lse.unsqueeze(1));                        // [len, V]
+    // p * z is 0 where p underflows to 0 (z may be -inf there: 0 * -inf would be NaN).
+    at::Tensor pz = at::where(p > 0, p * z, at::zeros({}, p.options())).sum({1});
+    at::Tensor zt = z.gather(1, safe_targets.narrow(0, r0, len).unsqueeze(1)).squeeze(1);
+    at::Tensor loss = lse - zt;
+    if (eps > 0.0) loss = (1.0 - eps) * loss + eps * (lse - z.mean({1}));
+    if (zs > 0.0) loss = loss + zs * lse * lse;
+    out.lse.narrow(0, r0, len).copy_(lse);
+    out.entropy.narrow(0, r0, len).copy_((lse - pz).clamp_min(0.0));
+    out.loss.narrow(0, r0, len).copy_(loss);
+  }
+  return out;
+}
+
+/// Phase C: writes weight[i] * dloss_i/dlogits into `grad_out` [N, V] (logits' dtype, may
+/// alias `z2d`). Rows with weight 0 get exact zeros.
+inline void reference_row_grad(const at::Tensor& z2d, const at::Tensor& safe_targets,
+                               const at::Tensor& lse, const at::Tensor& weight,
+                               const EntropyMaskedCrossEntropyOptions& opt, at::Tensor& grad_out) {
+  const int64_t n = z2d.size(0), vocab = z2d.size(1);
+  const double eps = opt.label_smoothing(), zs = opt.lse_square_scale(), cap = opt.softcap();
+  const int64_t step = reference_chunk_rows(vocab);
+  for (int64_t r0 = 0; r0 < n; r0 += step) {
+    const int64_t len = std::min(step, n - r0);
+    at::Tensor z = capped_rows(z2d.narrow(0, r0, len), cap);
+    at::Tensor l = lse.narrow(0, r0, len).unsqueeze(1);
+    at::Tensor w = weight.narrow(0, r0, len).unsqueeze(1);
+    // d/dz [(1-eps)(lse - z_t) + eps(lse - mean z) + zs lse^2] = p (1 + 2 zs lse) - (1-eps) 1_t - eps/V
+    at::Tensor g = at::exp(z - l);
+    if (zs > 0.0) g = g * (1.0 + 2.0 * zs * l);
+    g.scatter_add_(1, safe_targets.narrow(0, r0, len).unsqueeze(1),
+                   at::full({len, 1}, -(1.0 - eps), g.options()));
+    if (eps > 0.0) g = g - eps / static_cast<double>(vocab);
+    if (cap > 0.0) g = g * (1.0 - (z / cap) * (z / cap));  // d(cap tanh(x/cap))/dx
+    g = at::where(w != 0, g * w, at::zeros({}, g.options()));
+    grad_out.narrow(0, r0, len).copy_(g);
+  }
+}
+
+/// Phase B result: which tokens stay in the loss and the threshold that decided it.
+struct MaskDecision {
+  at::Tensor keep;       ///< bool [N]
+  at::Tensor threshold;  ///< 0-dim fp32
+};
+
+/// Phase B. `decision_entropy` [N] (current or reference entropies), `valid` bool [N].
+/// Absolute: keep = valid & (H >= threshold).
+/// Ratio: k = floor(q * n_valid); threshold = the (k+1)-th smallest valid entropy (+inf when
+/// k = n_valid); keep = valid & (H >= threshold). Ties at the threshold are kept, so at most k
+/// tokens are masked. No host synchronization.
+inline MaskDecision decide_mask(const at::Tensor& decision_entropy, const at::Tensor& valid,
+                                const EntropyMaskedCrossEntropyOptions& opt) {
+  auto f32 = decision_entropy.options().dtype(at::kFloat);
+  const double inf = std::numeric_limits<double>::infinity();
+  at::Tensor h = decision_entropy.to(at::kFloat);
+  at::Tensor thr;
+  if (opt.threshold_mode() == ThresholdMode::Absolute) {
+    thr = at::full({}, opt.entropy_threshold(), f32);
+  } else if (h.numel() == 0) {
+    thr = at::full({}, inf, f32);
+  } else {
+    at::Tensor sorted = std::get<0>(at::sort(at::where(valid, h, at::full({}, inf, f32))));
+    at::Tensor n_valid = valid.sum();
+    at::Tensor k = at::floor(n_valid.to(at::kDouble) * opt.mask_ratio()).to(at::kLong);
+    at::Tensor idx = k.clamp_max(h.numel() - 1).reshape({1});
+    thr = at::where(k >= n_valid, at::full({}, inf, f32), sorted.index_select(0, idx).squeeze(0));
+  }
+  // Written as !(h < thr) so that a NaN reference entropy is masked, never kept.
+  return {valid & ~(h < thr) & ~at::isnan(h), thr};
+}
+
+/// Everything one call produces.
+struct ForwardResult {
+  at::Tensor loss;  ///< 0-dim, or shaped like targets for Reduction::None (compute dtype)
+  at::Tensor grad;  ///< weighted gradient [N, V] in the logits' dtype (undefined if not asked)
+  EntropyMaskStats stats;
+};
+
+/// Validated, flattened inputs of one call.
+struct FlatInputs {
+  at::Tensor logits;        ///< [N, V]
+  at::Tensor targets;       ///< [N] int64
+  at::Tensor safe_targets;  ///< [N] int64 in [0, V): targets, or 0 where invalid
+  at::Tensor valid;         ///< [N] bool
+  at::Tensor reference;     ///< [N] or undefined
+};
+
+/// Phase B's weights: keep / n_kept, keep / n_valid or keep, in the compute dtype.
+inline at::Tensor row_weights(const MaskDecision& d, const at::Tensor& n_valid,
+                              const at::Tensor& n_kept, at::ScalarType cdt, Reduction r) {
+  at::Tensor keep = d.keep.to(cdt);
+  switch (r) {
+    case Reduction::MeanKept:
+      return keep / n_kept.clamp_min(1).to(cdt);
+    case Reduction::MeanValid:
+      return keep / n_valid.clamp_min(1).to(cdt);
+    case Reduction::Sum:
+    case Reduction::None:
+      return keep;
+  }
+  return keep;
+}
+
+}  // namespace detail
+}  // namespace slowed

@@ -1,0 +1,20 @@
+# Sourced by scripts/test and scripts/run: runs setup, then configures and builds into $build.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache_dir="${SLOWED_CACHE_DIR:-$HOME/.cache/slowed}"
+build="${SLOWED_BUILD_DIR:-$root/build}"
+jobs="${SLOWED_JOBS:-$(nproc)}"
+
+"$root/scripts/setup"
+torch_cmake="$(cat "$cache_dir/torch_cmake_prefix")"
+export CCACHE_DIR="${CCACHE_DIR:-$cache_dir/ccache}"
+# PCH and ccache work together only when ccache may ignore the PCH's timestamp.
+export CCACHE_SLOPPINESS="${CCACHE_SLOPPINESS:-pch_defines,time_macros,include_file_mtime,include_file_ctime}"
+
+slowed_configure_and_build() {
+  cmake -S "$root" -B "$build" -G Ninja \
+    -DCMAKE_BUILD_TYPE="${SLOWED_BUILD_TYPE:-Release}" \
+    -DCMAKE_PREFIX_PATH="$torch_cmake" \
+    -DCMAKE_CXX_COMPILER_LAUNCHER=ccache "$@" >/dev/null
+  cmake --build "$build" -j "$jobs"
+}

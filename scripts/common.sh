@@ -11,10 +11,13 @@ export CCACHE_DIR="${CCACHE_DIR:-$cache_dir/ccache}"
 # PCH and ccache work together only when ccache may ignore the PCH's timestamp.
 export CCACHE_SLOPPINESS="${CCACHE_SLOPPINESS:-pch_defines,time_macros,include_file_mtime,include_file_ctime}"
 
+# slowed_configure_and_build [build targets...]
 slowed_configure_and_build() {
   cmake -S "$root" -B "$build" -G Ninja \
     -DCMAKE_BUILD_TYPE="${SLOWED_BUILD_TYPE:-Release}" \
     -DCMAKE_PREFIX_PATH="$torch_cmake" \
-    -DCMAKE_CXX_COMPILER_LAUNCHER=ccache "$@" >/dev/null
-  cmake --build "$build" -j "$jobs"
+    -DCMAKE_CXX_COMPILER_LAUNCHER=ccache >/dev/null
+  local targets=()
+  (($#)) && targets=(--target "$@")
+  cmake --build "$build" -j "$jobs" "${targets[@]}"
 }

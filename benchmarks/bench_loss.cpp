@@ -1,1 +1,123 @@
-int main(){}
+// bench_loss: entropy-masked cross-entropy, forward + backward, against the ATen composite and a
+// copy of the logits (the read-once/write-once roofline), measured in the same process.
+//
+//   bench_loss [--device cpu|cuda] [--n 2048] [--v 49152] [--dtype float32|bfloat16|float16]
+//              [--threads 0] [--iters 10] [--warmup 2] [--threshold 0.5] [--json out.json]
+//
+// Inputs follow ../shared/guide/performance.md: logits = 2 * randn, every 7th target = -100.
+// GB/s counts one read of the logits and one write of the gradient (2 * N * V * elem bytes).
+
+#include "bench_common.h"
+
+#include <slowed/slowed.h>
+
+#include <torch/torch.h>
+
+#include <cstdio>
+
+namespace {
+
+torch::ScalarType parse_dtype(const std::string& s) {
+  if (s == "float32") return torch::kFloat;
+  if (s == "bfloat16") return torch::kBFloat16;
+  if (s == "float16") return torch::kHalf;
+  TORCH_CHECK(false, "--dtype: expected float32, bfloat16 or float16, got '", s, "'");
+}
+
+// What a user writes without slowed: fp32 log_softmax, entropy under no_grad, masked nll mean.
+void aten_composite(const torch::Tensor& x, const torch::Tensor& y, double tau) {
+  auto lp = torch::log_softmax(x.to(torch::kFloat), -1);
+  torch::Tensor keep;
+  {
+    torch::NoGradGuard g;
+    keep = (-(lp.exp() * lp).sum(-1) >= tau) & (y != -100);
+  }
+  auto nll = -lp.gather(1, y.clamp_min(0).unsqueeze(1)).squeeze(1);
+  auto loss = (nll * keep).sum() / keep.sum().clamp_min(1);
+  loss.backward();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  bench::Args args(argc, argv,
+                   {{"device", "cpu"}, {"n", "2048"}, {"v", "49152"}, {"dtype", "float32"},
+                    {"threads", "0"}, {"iters", "10"}, {"warmup", "2"}, {"threshold", "0.5"},
+                    {"json", ""}});
+  const torch::Device device(args.str("device"));
+  if (args.i64("threads") > 0) at::set_num_threads(static_cast<int>(args.i64("threads")));
+  if (device.is_cpu()) bench::cpu_tracker();  // install before the inputs are allocated
+  const int64_t n = args.i64("n"), v = args.i64("v");
+  const auto dtype = parse_dtype(args.str("dtype"));
+  const double tau = std::stod(args.str("threshold"));
+  const int iters = static_cast<int>(args.i64("iters")), warmup = static_cast<int>(args.i64("warmup"));
+
+  torch::manual_seed(0);
+  auto make_logits = [&] {
+    return (torch::randn({n, v}, torch::TensorOptions().device(device)) * 2.0).to(dtype).requires_grad_(true);
+  };
+  auto y = torch::randint(0, v, {n}, torch::TensorOptions().device(device).dtype(torch::kLong));
+  y.index_put_({torch::indexing::Slice(torch::indexing::None, torch::indexing::None, 7)}, -100);
+  const double bytes = 2.0 * static_cast<double>(n * v) * static_cast<double>(c10::elementSize(dtype));
+
+  std::vector<std::pair<std::string, bench::Measurement>> results;
+  {
+    auto x = make_logits();
+    results.emplace_back("copy (roofline)", bench::measure(device, warmup, iters, [&] {
+                           auto c = x.detach().clone();
+                         }));
+  }
+  {
+    auto x = make_logits();
+    results.emplace_back("aten composite", bench::measure(device, warmup, iters, [&] {
+                           aten_composite(x, y, tau);
+                           x.mutable_grad() = torch::Tensor();
+                         }));
+  }
+  {
+    auto x = make_logits();
+    slowed::EntropyMaskedCrossEntropy loss_fn(
+        slowed::EntropyMaskedCrossEntropyOptions().entropy_threshold(tau));
+    results.emplace_back("slowed", bench::measure(device, warmup, iters, [&] {
+                           loss_fn(x, y).backward();
+                           x.mutable_grad() = torch::Tensor();
+                         }));
+  }
+  {
+    // In-place mode overwrites the logits with the gradient; later iterations see those
+    // (finite) values as logits, which costs the same.
+    auto x = make_logits();
+    slowed::EntropyMaskedCrossEntropy loss_fn(
+        slowed::EntropyMaskedCrossEntropyOptions().entropy_threshold(tau).inplace_backward(true));
+    results.emplace_back("slowed in-place", bench::measure(device, warmup, iters, [&] {
+                           auto xl = x.detach().requires_grad_(true);
+                           loss_fn(xl, y).backward();
+                         }));
+  }
+
+  const double copy_ms = results[0].second.median_ms;
+  const double aten_ms = results[1].second.median_ms;
+  std::vector<bench::Row> rows;
+  for (auto& [name, m] : results) {
+    bench::Row r;
+    r.text = {{"name", name}, {"device", bench::device_name(device)},
+              {"dtype", args.str("dtype")}};
+    r.num = {{"N", double(n)},
+             {"V", double(v)},
+             {"median_ms", m.median_ms},
+             {"GB_per_s", bytes / (m.median_ms * 1e6)},
+             {"frac_copy_roofline", copy_ms / m.median_ms},
+             {"peak_extra_MiB", m.peak_extra_bytes / (1024.0 * 1024.0)},
+             {"speedup_vs_aten", aten_ms / m.median_ms}};
+    rows.push_back(r);
+  }
+  bench::print_table(rows);
+  if (!args.str("json").empty()) bench::write_json(args.str("json"), rows);
+  return 0;
+} catch (const c10::Error& e) {
+  std::fprintf(stderr, "bench_loss: %s\n", e.what_without_backtrace());
+  return 2;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "bench_loss: %s\n", e.what());
+  return 2;
+}

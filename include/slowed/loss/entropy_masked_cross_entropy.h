@@ -9,6 +9,7 @@
 // the logits require grad) the weighted gradient; backward only scales that gradient by the
 // upstream gradient, per token for Reduction::None.
 
+#include <slowed/cpu/entropy_masked_cross_entropy_cpu.h>
 #include <slowed/detail/check.h>
 #include <slowed/loss/entropy_mask_stats.h>
 #include <slowed/loss/entropy_masked_cross_entropy_options.h>
@@ -109,34 +110,94 @@ inline void check_loss_data(const FlatInputs& in, const at::Tensor& lse,
   }
 }
 
-/// The whole forward on validated inputs: loss, stats and (if `need_grad`) the weighted grad.
-/// Backends with a fused kernel replace phases A and C; phase B is shared.
+/// True when the fused CPU kernel serves this call (CPU tensors in fp32, bf16 or fp16).
+inline bool use_fused_cpu(const at::Tensor& logits, const EntropyMaskedCrossEntropyOptions& opt) {
+  const auto t = logits.scalar_type();
+  return !opt.use_reference() && logits.is_cpu() &&
+         (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf);
+}
+
+/// Phase A (and C) with the fused CPU kernel: per-row terms, the kernel's keep decision and,
+/// when `grad` is defined, keep_i * dloss_i/dz written into it.
+inline RowTerms fused_cpu_rows(const FlatInputs& in, const EntropyMaskedCrossEntropyOptions& opt,
+                               at::Tensor& grad, at::Tensor& kernel_keep) {
+  const int64_t n = in.logits.size(0), vocab = in.logits.size(1);
+  auto f32 = in.logits.options().dtype(at::kFloat);
+  RowTerms terms{at::empty({n}, f32), at::empty({n}, f32), at::empty({n}, f32)};
+  kernel_keep = at::empty({n}, f32.dtype(at::kBool));
+  at::Tensor logits = in.logits.contiguous();
+  at::Tensor targets = in.targets.contiguous();
+  at::Tensor reference = in.reference.defined() ? in.reference.to(at::kFloat).contiguous()
+                                                : at::Tensor();
+  cpu::RowParams p;
+  p.n = n;
+  p.vocab = vocab;
+  p.ignore_index = opt.ignore_index();
+  p.label_smoothing = static_cast<float>(opt.label_smoothing());
+  p.lse_square_scale = static_cast<float>(opt.lse_square_scale());
+  p.softcap = static_cast<float>(opt.softcap());
+  p.absolute = opt.threshold_mode() == ThresholdMode::Absolute;
+  p.threshold = static_cast<float>(opt.entropy_threshold());
+  p.reference = reference.defined() ? reference.data_ptr<float>() : nullptr;
+  cpu::RowOutputs o{terms.lse.data_ptr<float>(), terms.entropy.data_ptr<float>(),
+                    terms.loss.data_ptr<float>(), kernel_keep.data_ptr<bool>()};
+  const int64_t* t = targets.data_ptr<int64_t>();
+  switch (logits.scalar_type()) {
+    case at::kFloat:
+      cpu::entropy_masked_ce_rows<float>(logits.data_ptr<float>(),
+                                         grad.defined() ? grad.data_ptr<float>() : nullptr, t, p, o);
+      break;
+    case at::kBFloat16:
+      cpu::entropy_masked_ce_rows<c10::BFloat16>(
+          logits.data_ptr<c10::BFloat16>(),
+          grad.defined() ? grad.data_ptr<c10::BFloat16>() : nullptr, t, p, o);
+      break;
+    case at::kHalf:
+      cpu::entropy_masked_ce_rows<c10::Half>(logits.data_ptr<c10::Half>(),
+                                             grad.defined() ? grad.data_ptr<c10::Half>() : nullptr,
+                                             t, p, o);
+      break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "fused_cpu_rows: unsupported dtype ", logits.scalar_type());
+  }
+  return terms;
+}
+
+/// The whole forward on validated inputs: loss, stats and (if `need_grad`) the keep-masked,
+/// unnormalized gradient plus the normalization the backward applies. Phase A/C run in the
+/// fused kernel when one serves the call, else in the reference; phase B is shared.
 inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const at::Tensor& targets,
                                                const at::Tensor& reference_entropy,
                                                const EntropyMaskedCrossEntropyOptions& opt,
                                                bool need_grad) {
   FlatInputs in = flatten_inputs(logits, targets, reference_entropy, opt);
   const auto cdt = compute_dtype(logits.scalar_type());
-  RowTerms terms = reference_row_terms(in.logits, in.safe_targets, opt);
+  const bool fused = use_fused_cpu(logits, opt);
+  ForwardResult r;
+  if (need_grad) r.grad = opt.inplace_backward() ? in.logits : at::empty_like(in.logits);
+  at::Tensor kernel_keep;
+  RowTerms terms = fused ? fused_cpu_rows(in, opt, r.grad, kernel_keep)
+                         : reference_row_terms(in.logits, in.safe_targets, opt);
   if (opt.check_inputs()) check_loss_data(in, terms.lse, opt);
 
   MaskDecision d =
       decide_mask(in.reference.defined() ? in.reference : terms.entropy, in.valid, opt);
   at::Tensor n_valid = in.valid.sum();
   at::Tensor n_kept = d.keep.sum();
-  at::Tensor w = row_weights(d, n_valid, n_kept, cdt, opt.reduction());
+  r.grad_scale = normalization(n_valid, n_kept, cdt, opt.reduction());
   at::Tensor zero = at::zeros({}, terms.loss.options());
   at::Tensor kept_loss = at::where(d.keep, terms.loss, zero);
-
-  ForwardResult r;
-  if (opt.reduction() == Reduction::None) {
-    r.loss = kept_loss.reshape(targets.sizes());
-  } else {
-    r.loss = (kept_loss * w).sum();
-  }
+  r.loss = opt.reduction() == Reduction::None ? kept_loss.reshape(targets.sizes())
+                                              : kept_loss.sum() * r.grad_scale;
   if (need_grad) {
-    r.grad = opt.inplace_backward() ? in.logits : at::empty_like(in.logits);
-    reference_row_grad(in.logits, in.safe_targets, terms.lse, w, opt, r.grad);
+    if (fused) {
+      // The kernel keeps every valid row in ratio mode (the threshold needs all entropies):
+      // zero the rows phase B masked.
+      at::Tensor drop = at::nonzero(kernel_keep & ~d.keep).squeeze(1);
+      if (drop.numel() > 0) r.grad.index_fill_(0, drop, 0);
+    } else {
+      reference_row_grad(in.logits, in.safe_targets, terms.lse, d.keep.to(cdt), opt, r.grad);
+    }
   }
   at::Tensor valid_f = in.valid.to(at::kFloat);
   r.stats.num_valid = n_valid;
@@ -148,6 +209,32 @@ inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const a
       n_valid.clamp_min(1).to(at::kFloat);
   r.stats.threshold = d.threshold;
   return r;
+}
+
+/// Backward: grad * factor (0-dim, or [N] per row), rounded once to the gradient's dtype, into
+/// `out` (which may alias `grad`).
+inline void scale_gradient(const at::Tensor& grad, const at::Tensor& factor, at::Tensor& out,
+                           bool use_reference) {
+  const auto t = grad.scalar_type();
+  const bool fused = !use_reference && grad.is_cpu() &&
+                     (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf);
+  if (!fused) return reference_scale_rows(grad, factor, out);
+  const int64_t n = grad.size(0), vocab = grad.size(1);
+  at::Tensor f = factor.to(at::kFloat).contiguous();
+  const float* rows = f.dim() == 0 ? nullptr : f.data_ptr<float>();
+  const float scalar = f.dim() == 0 ? f.item<float>() : 1.f;
+  switch (t) {
+    case at::kFloat:
+      cpu::scale_rows<float>(grad.data_ptr<float>(), out.data_ptr<float>(), n, vocab, rows, scalar);
+      break;
+    case at::kBFloat16:
+      cpu::scale_rows<c10::BFloat16>(grad.data_ptr<c10::BFloat16>(),
+                                     out.data_ptr<c10::BFloat16>(), n, vocab, rows, scalar);
+      break;
+    default:
+      cpu::scale_rows<c10::Half>(grad.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), n, vocab,
+                                 rows, scalar);
+  }
 }
 
 /// Custom autograd function: forward computes loss and gradient together, backward scales.
@@ -163,21 +250,30 @@ struct EntropyMaskedCrossEntropyFunction
     if (stats) *stats = r.stats;
     if (need_grad) {
       ctx->saved_data["grad"] = r.grad;
+      ctx->saved_data["grad_scale"] = r.grad_scale;
       ctx->saved_data["logits_shape"] = logits.sizes().vec();
       ctx->saved_data["none"] = opt.reduction() == Reduction::None;
-      ctx->saved_data["inplace"] = opt.inplace_backward();
+      ctx->saved_data["use_reference"] = opt.use_reference();
     }
     return r.loss;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
-    at::Tensor grad = ctx->saved_data["grad"].toTensor();  // [N, V], weights applied
-    at::Tensor go = grad_outputs[0];
-    if (ctx->saved_data["none"].toBool()) go = go.reshape({grad.size(0), 1});
-    go = go.to(grad.scalar_type());
-    at::Tensor g = ctx->saved_data["inplace"].toBool() ? grad.mul_(go) : grad * go;
-    return {g.view(ctx->saved_data["logits_shape"].toIntVector()), at::Tensor(), at::Tensor(),
+    auto& saved = ctx->saved_data;
+    TORCH_CHECK(saved.count("grad") && saved["grad"].isTensor(),
+                "entropy_masked_cross_entropy: backward ran a second time through the same call; "
+                "its gradient buffer was consumed by the first backward (call the loss again)");
+    // The saved gradient is this call's own buffer (or the logits' storage in in-place mode):
+    // scale it in place, so the call never holds more than one [N, V] gradient.
+    at::Tensor grad = saved["grad"].toTensor();  // [N, V], keep-masked, unnormalized
+    saved.erase("grad");
+    at::Tensor scale = saved["grad_scale"].toTensor();
+    at::Tensor go = grad_outputs[0].to(scale.scalar_type());
+    at::Tensor factor = saved["none"].toBool() ? go.reshape({grad.size(0)}) * scale
+                                               : go.reshape({}) * scale;
+    scale_gradient(grad, factor, grad, saved["use_reference"].toBool());
+    return {grad.view(saved["logits_shape"].toIntVector()), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};
   }
 };

@@ -119,6 +119,14 @@ class EntropyMaskedCrossEntropyOptions {
   }
   bool check_inputs() const { return check_inputs_; }
 
+  /// Run the plain-ATen reference path even where a fused kernel exists (testing, debugging,
+  /// or to rule the kernels out). Default false.
+  EntropyMaskedCrossEntropyOptions& use_reference(bool enabled) {
+    use_reference_ = enabled;
+    return *this;
+  }
+  bool use_reference() const { return use_reference_; }
+
  private:
   ThresholdMode threshold_mode_ = ThresholdMode::Absolute;
   double entropy_threshold_ = 0.3;
@@ -130,6 +138,7 @@ class EntropyMaskedCrossEntropyOptions {
   double softcap_ = 0.0;
   bool inplace_backward_ = false;
   bool check_inputs_ = true;
+  bool use_reference_ = false;
 };
 
 }  // namespace slowed

@@ -134,7 +134,10 @@ inline MaskDecision decide_mask(const at::Tensor& decision_entropy, const at::Te
 /// Everything one call produces.
 struct ForwardResult {
   at::Tensor loss;  ///< 0-dim, or shaped like targets for Reduction::None (compute dtype)
-  at::Tensor grad;  ///< weighted gradient [N, V] in the logits' dtype (undefined if not asked)
+  /// keep_i * dloss_i/dlogits_i [N, V] in the logits' dtype (undefined if not asked). Not yet
+  /// normalized: the kept-token count is known only after all rows.
+  at::Tensor grad;
+  at::Tensor grad_scale;  ///< 0-dim normalization the backward applies (1/n_kept, 1/n_valid, 1)
   EntropyMaskStats stats;
 };
 
@@ -147,20 +150,33 @@ struct FlatInputs {
   at::Tensor reference;     ///< [N] or undefined
 };
 
-/// Phase B's weights: keep / n_kept, keep / n_valid or keep, in the compute dtype.
-inline at::Tensor row_weights(const MaskDecision& d, const at::Tensor& n_valid,
-                              const at::Tensor& n_kept, at::ScalarType cdt, Reduction r) {
-  at::Tensor keep = d.keep.to(cdt);
+/// Phase B's normalization: 1 / n_kept, 1 / n_valid, or 1 (0-dim, compute dtype).
+inline at::Tensor normalization(const at::Tensor& n_valid, const at::Tensor& n_kept,
+                                at::ScalarType cdt, Reduction r) {
   switch (r) {
     case Reduction::MeanKept:
-      return keep / n_kept.clamp_min(1).to(cdt);
+      return 1.0 / n_kept.clamp_min(1).to(cdt);
     case Reduction::MeanValid:
-      return keep / n_valid.clamp_min(1).to(cdt);
+      return 1.0 / n_valid.clamp_min(1).to(cdt);
     case Reduction::Sum:
     case Reduction::None:
-      return keep;
+      break;
   }
-  return keep;
+  return at::ones({}, n_valid.options().dtype(cdt));
+}
+
+/// Backward on the reference path: out = grad * factor in the compute dtype, rounded once to
+/// the gradient's dtype. `factor` is 0-dim or [N] (per row); `out` may alias `grad`.
+inline void reference_scale_rows(const at::Tensor& grad, const at::Tensor& factor,
+                                 at::Tensor& out) {
+  const int64_t n = grad.size(0), vocab = grad.size(1);
+  const auto cdt = compute_dtype(grad.scalar_type());
+  const int64_t step = reference_chunk_rows(vocab);
+  for (int64_t r0 = 0; r0 < n; r0 += step) {
+    const int64_t len = std::min(step, n - r0);
+    at::Tensor f = factor.dim() == 0 ? factor : factor.narrow(0, r0, len).unsqueeze(1);
+    out.narrow(0, r0, len).copy_(grad.narrow(0, r0, len).to(cdt) * f);
+  }
 }
 
 }  // namespace detail

@@ -97,11 +97,12 @@ class SlowTuningOptimizer : public Base {
         moved.emplace_back(p, p.detach().clone());
       }
     }
+    const bool closure_given = static_cast<bool>(closure);
     at::Tensor loss = Base::step(std::move(closure));
     {
       at::NoGradGuard no_grad;
       for (auto& [p, prev] : moved) rewrite_step(p, prev, s);
-      if (slow_.max_relative_drift()) project_onto_drift_ball();
+      if (slow_.max_relative_drift()) project_onto_drift_ball(closure_given);
     }
     last_scale_ = s;
     ++step_count_;
@@ -131,15 +132,18 @@ class SlowTuningOptimizer : public Base {
   /// accepted with a warning: the step counter restarts at 0 and the current weights become
   /// the initial weights.
   void load(torch::serialize::InputArchive& archive) override {
-    Base::load(archive);
+    // Read and validate the wrapper's state first, so that a bad checkpoint leaves the
+    // optimizer untouched (Base's state included).
     torch::serialize::InputArchive state;
     if (!archive.try_read("slowed", state)) {
+      Base::load(archive);
       TORCH_WARN("SlowTuningOptimizer::load: the checkpoint holds no slowed state (a plain base "
                  "optimizer checkpoint); the step counter restarts at 0 and the current weights "
                  "become the initial weights");
       step_count_ = 0;
       last_scale_ = 1.0;
       initial_.clear();
+      initial_norm_.clear();
       keep_initial_weights();
       return;
     }
@@ -155,7 +159,7 @@ class SlowTuningOptimizer : public Base {
     TORCH_CHECK(v.isDouble(), "checkpoint: slowed last_scale is corrupt");
     const double last_scale = v.toDouble();
     state.read("num_initial", v);
-    TORCH_CHECK(v.isInt(), "checkpoint: slowed num_initial is corrupt");
+    TORCH_CHECK(v.isInt() && v.toInt() >= 0, "checkpoint: slowed num_initial is corrupt");
     const int64_t n = v.toInt();
     const auto params = parameters();
     std::unordered_map<c10::TensorImpl*, at::Tensor> initial;
@@ -173,6 +177,7 @@ class SlowTuningOptimizer : public Base {
             t0.to(params[i].device(), params[i].scalar_type());
       }
     }
+    Base::load(archive);
     step_count_ = step;
     last_scale_ = last_scale;
     initial_ = std::move(initial);
@@ -251,33 +256,40 @@ class SlowTuningOptimizer : public Base {
     }
   }
 
-  // theta <- theta_prev + bound(s * (theta - theta_prev))
+  // theta <- theta_prev + f * (theta - theta_prev) with f = s * bound factor, computed as
+  // theta - (1 - f) * (theta - theta_prev) so that f = 1 leaves theta bitwise unchanged.
   void rewrite_step(const at::Tensor& param, const at::Tensor& prev, double s) {
     at::Tensor p = param.detach();
+    at::Tensor now = detail::working(p);
     at::Tensor before = detail::working(prev);
-    at::Tensor delta = detail::working(p) - before;
-    if (s != 1.0) delta.mul_(s);
+    at::Tensor delta = now - before;  // Base's full step
+    at::Tensor f = at::full({}, s, delta.options());
     if (auto r = slow_.max_relative_step()) {
       at::Tensor radius = detail::l2_norm(before).clamp_min(slow_.norm_floor()) * *r;
-      delta.mul_(detail::bound_factor(detail::l2_norm(delta), radius).to(delta.scalar_type()));
+      f = f * detail::bound_factor(detail::l2_norm(delta) * s, radius).to(delta.scalar_type());
     }
-    p.copy_(before.add_(delta));
+    p.copy_(now.sub_(delta.mul_(1.0 - f)));
   }
 
-  // theta <- theta_0 + (theta - theta_0) * min(1, radius / ||theta - theta_0||)
-  void project_onto_drift_ball() {
+  // theta <- theta - (1 - f) * (theta - theta_0), f = min(1, radius / ||theta - theta_0||):
+  // the projection onto the drift ball, a bitwise no-op for tensors inside it. Only tensors
+  // Base may have moved (with a gradient, or all under a closure) are projected: the others
+  // were projected when they last moved.
+  void project_onto_drift_ball(bool closure_given) {
     const double r = *slow_.max_relative_drift();
     for (const auto& param : parameters()) {
+      if (!closure_given && !param.grad().defined()) continue;
       auto it = initial_.find(param.unsafeGetTensorImpl());
       if (it == initial_.end()) continue;
       at::Tensor p = param.detach();
       at::Tensor t0 = detail::working(it->second);
       auto& n0 = initial_norm_[param.unsafeGetTensorImpl()];
       if (!n0.defined()) n0 = detail::l2_norm(t0);
-      at::Tensor d = detail::working(p) - t0;
+      at::Tensor now = detail::working(p);
+      at::Tensor d = now - t0;
       at::Tensor radius = n0.clamp_min(slow_.norm_floor()) * r;
-      d.mul_(detail::bound_factor(detail::l2_norm(d), radius).to(d.scalar_type()));
-      p.copy_(t0 + d);
+      at::Tensor f = detail::bound_factor(detail::l2_norm(d), radius).to(d.scalar_type());
+      p.copy_(now.sub_(d.mul_(1.0 - f)));
     }
   }
 

@@ -1,5 +1,7 @@
 // bench_loss: entropy-masked cross-entropy, forward + backward, against the ATen composite and a
-// copy of the logits (the read-once/write-once roofline), measured in the same process.
+// copy of the logits (the read-once/write-once roofline), measured in the same process. Rows:
+// the copy, the ATen composite, slowed's reference path (use_reference), slowed as dispatched
+// (fused CPU kernel; on CUDA the fused kernel when SLOWED_CUDA_KERNELS=1), and slowed in-place.
 //
 //   bench_loss [--device cpu|cuda] [--n 2048] [--v 49152] [--dtype float32|bfloat16|float16]
 //              [--threads 0] [--iters 10] [--warmup 2] [--threshold 0.5] [--json out.json]
@@ -71,6 +73,15 @@ int main(int argc, char** argv) try {
     auto x = make_logits();
     results.emplace_back("aten composite", bench::measure(device, warmup, iters, [&] {
                            aten_composite(x, y, tau);
+                           x.mutable_grad() = torch::Tensor();
+                         }));
+  }
+  {
+    auto x = make_logits();
+    slowed::EntropyMaskedCrossEntropy loss_fn(
+        slowed::EntropyMaskedCrossEntropyOptions().entropy_threshold(tau).use_reference(true));
+    results.emplace_back("slowed reference path", bench::measure(device, warmup, iters, [&] {
+                           loss_fn(x, y).backward();
                            x.mutable_grad() = torch::Tensor();
                          }));
   }

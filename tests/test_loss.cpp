@@ -1147,10 +1147,8 @@ TEST_CASE("Ratio mode keeps ties at the threshold, so at most floor(q * n_valid)
 
 TEST_CASE("2-D non-contiguous logits (transposed, column slice) give the same loss and gradient",
           "[cpu]") {
-  // KNOWN LIBRARY BUG (fp32/bf16/fp16 on CPU, default path, transposed storage): the gradient
-  // buffer is at::empty_like(logits), which keeps the transposed strides, but the fused kernel
-  // writes it (and the backward scales it) as row-major [N, V] through data_ptr: wrong gradient,
-  // right loss. Expected to fail until the buffer is allocated contiguous.
+  // Regression: the gradient buffer once inherited the logits' transposed strides while the
+  // fused kernel wrote it as row-major [N, V] (wrong gradient, right loss).
   std::mt19937_64 rng(19);
   const int64_t n = 6, v = 11;
   for (torch::Dtype dtype : {torch::kFloat, torch::kBFloat16, torch::kDouble}) {
@@ -1261,9 +1259,8 @@ TEST_CASE("in-place backward over logits that autograd saved is reported by the 
   // docs/design.md: "The write bumps the logits' version counter, so if anything else saved the
   // logits for its backward, autograd raises its usual 'modified by an inplace operation' error
   // instead of computing garbage." Checked on both paths.
-  // KNOWN LIBRARY BUG (fp32/bf16/fp16 on CPU, the fused kernel): the kernel writes the gradient
-  // through data_ptr, which does not bump the version counter, so backward silently multiplies
-  // by the gradient instead of exp(x). Expected to fail until the fused path bumps the version.
+  // Regression: the fused kernel writes through data_ptr, which does not bump the version
+  // counter by itself; the public layer bumps it.
   for (torch::Dtype dtype : {torch::kFloat, torch::kBFloat16, torch::kDouble}) {
     for (bool reference_path : {false, true}) {
       INFO(dtype_name(dtype) << (reference_path ? ", use_reference(true)" : ", default path"));

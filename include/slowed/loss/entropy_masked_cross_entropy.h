@@ -10,6 +10,7 @@
 // upstream gradient, per token for Reduction::None.
 
 #include <slowed/cpu/entropy_masked_cross_entropy_cpu.h>
+#include <slowed/cuda/entropy_masked_ce_cuda.h>
 #include <slowed/detail/check.h>
 #include <slowed/loss/entropy_mask_stats.h>
 #include <slowed/loss/entropy_masked_cross_entropy_options.h>
@@ -117,6 +118,37 @@ inline bool use_fused_cpu(const at::Tensor& logits, const EntropyMaskedCrossEntr
          (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf);
 }
 
+/// True when the fused CUDA kernels serve this call: CUDA tensors in fp32, bf16 or fp16, the
+/// kernels requested (SLOWED_CUDA_KERNELS=1, see slowed/cuda/entropy_masked_ce_cuda.h) and the
+/// run-time compiler usable (else one warning and the reference path).
+inline bool use_fused_cuda(const at::Tensor& t, bool use_reference) {
+  const auto dt = t.scalar_type();
+  if (use_reference || !t.is_cuda() || !(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf))
+    return false;
+  if (!cuda::fused_kernels_requested()) return false;
+  if (cuda::cuda_jit_available()) return true;
+  cuda::warn_once_fallback("EntropyMaskedCrossEntropy");
+  return false;
+}
+
+/// Phase A (and C) with the fused CUDA kernel; same outputs as `fused_cpu_rows`.
+inline RowTerms fused_cuda_rows(const FlatInputs& in, const EntropyMaskedCrossEntropyOptions& opt,
+                                at::Tensor& grad, at::Tensor& kernel_keep) {
+  const int64_t n = in.logits.size(0);
+  auto f32 = in.logits.options().dtype(at::kFloat);
+  RowTerms terms{at::empty({n}, f32), at::empty({n}, f32), at::empty({n}, f32)};
+  kernel_keep = at::empty({n}, f32.dtype(at::kBool));
+  at::Tensor reference = in.reference.defined() ? in.reference.to(at::kFloat).contiguous()
+                                                : at::Tensor();
+  cuda::emce_rows(in.logits.contiguous(), grad, in.targets.contiguous(), reference, terms.lse,
+                  terms.entropy, terms.loss, kernel_keep, opt.ignore_index(),
+                  static_cast<float>(opt.label_smoothing()),
+                  static_cast<float>(opt.lse_square_scale()), static_cast<float>(opt.softcap()),
+                  opt.threshold_mode() == ThresholdMode::Absolute,
+                  static_cast<float>(opt.entropy_threshold()));
+  return terms;
+}
+
 /// Phase A (and C) with the fused CPU kernel: per-row terms, the kernel's keep decision and,
 /// when `grad` is defined, keep_i * dloss_i/dz written into it.
 inline RowTerms fused_cpu_rows(const FlatInputs& in, const EntropyMaskedCrossEntropyOptions& opt,
@@ -172,12 +204,24 @@ inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const a
                                                bool need_grad) {
   FlatInputs in = flatten_inputs(logits, targets, reference_entropy, opt);
   const auto cdt = compute_dtype(logits.scalar_type());
-  const bool fused = use_fused_cpu(logits, opt);
+  const bool fused_cpu = use_fused_cpu(logits, opt);
+  const bool fused_cuda = use_fused_cuda(logits, opt.use_reference());
   ForwardResult r;
-  if (need_grad) r.grad = opt.inplace_backward() ? in.logits : at::empty_like(in.logits);
+  // The kernels address the gradient as row-major [N, V]: a fresh buffer is allocated
+  // contiguous whatever the logits' strides; in place requires contiguous logits (checked).
+  if (need_grad) {
+    r.grad = opt.inplace_backward() ? in.logits
+                                    : at::empty({in.logits.size(0), in.logits.size(1)},
+                                                in.logits.options());
+  }
   at::Tensor kernel_keep;
-  RowTerms terms = fused ? fused_cpu_rows(in, opt, r.grad, kernel_keep)
-                         : reference_row_terms(in.logits, in.safe_targets, opt);
+  RowTerms terms = fused_cpu    ? fused_cpu_rows(in, opt, r.grad, kernel_keep)
+                   : fused_cuda ? fused_cuda_rows(in, opt, r.grad, kernel_keep)
+                                : reference_row_terms(in.logits, in.safe_targets, opt);
+  // A kernel that wrote the gradient over the logits did so through a raw pointer: bump their
+  // version counter so that autograd reports any other saved use of them (ATen ops would).
+  if (need_grad && opt.inplace_backward() && (fused_cpu || fused_cuda))
+    logits.unsafeGetTensorImpl()->bump_version();
   if (opt.check_inputs()) check_loss_data(in, terms.lse, opt);
 
   MaskDecision d =
@@ -190,11 +234,14 @@ inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const a
   r.loss = opt.reduction() == Reduction::None ? kept_loss.reshape(targets.sizes())
                                               : kept_loss.sum() * r.grad_scale;
   if (need_grad) {
-    if (fused) {
-      // The kernel keeps every valid row in ratio mode (the threshold needs all entropies):
-      // zero the rows phase B masked.
+    // The kernels keep every valid row in ratio mode (the threshold needs all entropies):
+    // zero the rows phase B masked. In absolute mode both decisions are the same.
+    if (fused_cpu) {
       at::Tensor drop = at::nonzero(kernel_keep & ~d.keep).squeeze(1);
       if (drop.numel() > 0) r.grad.index_fill_(0, drop, 0);
+    } else if (fused_cuda) {
+      if (opt.threshold_mode() == ThresholdMode::Ratio)
+        cuda::emce_zero_rows(r.grad, kernel_keep, d.keep);
     } else {
       reference_row_grad(in.logits, in.safe_targets, terms.lse, d.keep.to(cdt), opt, r.grad);
     }
@@ -216,6 +263,7 @@ inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const a
 inline void scale_gradient(const at::Tensor& grad, const at::Tensor& factor, at::Tensor& out,
                            bool use_reference) {
   const auto t = grad.scalar_type();
+  if (use_fused_cuda(grad, use_reference)) return cuda::emce_scale_rows(grad, factor, out);
   const bool fused = !use_reference && grad.is_cpu() &&
                      (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf);
   if (!fused) return reference_scale_rows(grad, factor, out);

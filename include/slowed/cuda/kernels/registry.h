@@ -9,6 +9,7 @@
 // function-local static in the kernel's header, so the address stays valid.
 
 #include <slowed/cuda/kernel_source.h>
+#include <slowed/cuda/kernels/entropy_masked_ce_kernels.h>
 #include <slowed/cuda/kernels/smoke_kernels.h>
 
 #include <vector>
@@ -26,6 +27,9 @@ namespace cuda {
 inline const std::vector<const KernelSource*>& all_kernel_sources() {
   static const std::vector<const KernelSource*> sources = {
       &kernels::smoke_kernels_source(),
+      &kernels::entropy_masked_ce_source(0),  // float
+      &kernels::entropy_masked_ce_source(1),  // bfloat16
+      &kernels::entropy_masked_ce_source(2),  // float16
   };
   return sources;
 }

@@ -16,7 +16,9 @@ slowed_configure_and_build() {
   cmake -S "$root" -B "$build" -G Ninja \
     -DCMAKE_BUILD_TYPE="${SLOWED_BUILD_TYPE:-Release}" \
     -DCMAKE_PREFIX_PATH="$torch_cmake" \
-    -DCMAKE_CXX_COMPILER_LAUNCHER=ccache >/dev/null
+    -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
+    -DSLOWED_PYTHON="${SLOWED_VENV:-$cache_dir/venv}/bin/python" \
+    -DSLOWED_MODELS_DIR="$cache_dir/models" >/dev/null
   local targets=()
   (($#)) && targets=(--target "$@")
   cmake --build "$build" -j "$jobs" "${targets[@]}"

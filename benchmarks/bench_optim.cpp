@@ -1,0 +1,2 @@
+// placeholder until the optimizer benchmark lands
+int main() { return 0; }

@@ -56,3 +56,56 @@ TEST_CASE("CSV parsing handles quotes, doubled quotes and embedded commas", "[cp
   CHECK_THROWS_WITH(parse_csv("a,\"unterminated\n", "advbench"),
                     Catch::Contains("advbench") && Catch::Contains("line 1"));
 }
+
+#include "slowed_distill/report.h"
+
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+TEST_CASE("epoch records round-trip through JSON lines and land in CSV", "[cpu]") {
+  EpochRecord r;
+  r.mode = "slowed";
+  r.epoch = 3;
+  r.bbh_accuracy = 0.25;
+  r.safety_ratio = 0.875;
+  r.drift = 0.0123;
+  r.kept_fraction = 0.5;
+  r.bbh_n = 40;
+  r.device = "cpu";
+  const EpochRecord back = from_json(to_json(r));
+  CHECK(back.mode == "slowed");
+  CHECK(back.epoch == 3);
+  CHECK(back.bbh_accuracy == Approx(0.25));
+  CHECK(back.safety_ratio == Approx(0.875));
+  CHECK(back.drift == Approx(0.0123));
+  CHECK(back.bbh_n == 40);
+  CHECK(to_csv(r).rfind("slowed,3,0.25,", 0) == 0);
+  CHECK_THROWS_WITH(from_json("{\"mode\": \"x\"}"), Catch::Contains("epoch"));
+}
+
+TEST_CASE("reports are written atomically and the plot is drawn", "[cpu]") {
+  char dir[] = "/tmp/slowed_distill_report_XXXXXX";
+  REQUIRE(mkdtemp(dir) != nullptr);
+  std::vector<EpochRecord> recs(4);
+  for (int i = 0; i < 4; ++i) {
+    recs[i].mode = i < 2 ? "sft" : "slowed";
+    recs[i].epoch = i % 2;
+    recs[i].safety_ratio = 0.5 + 0.1 * i;
+  }
+  const std::string plot = write_reports(dir, recs);
+  std::ifstream jl(std::string(dir) + "/results.jsonl");
+  std::string line;
+  int n = 0;
+  while (std::getline(jl, line)) ++n;
+  CHECK(n == 4);
+  if (!plot.empty()) {
+    std::ifstream png(plot, std::ios::binary);
+    char magic[4] = {};
+    png.read(magic, 4);
+    CHECK(std::string(magic + 1, 3) == "PNG");
+  } else {
+    WARN("gnuplot missing: no plot drawn");
+  }
+  CHECK(format_table(recs).find("slowed") != std::string::npos);
+}

@@ -109,3 +109,63 @@ TEST_CASE("reports are written atomically and the plot is drawn", "[cpu]") {
   }
   CHECK(format_table(recs).find("slowed") != std::string::npos);
 }
+
+#include "slowed_distill/data.h"
+
+#include <set>
+#include <sys/stat.h>
+
+namespace {
+bool have_data() {
+  struct stat st;
+  return ::stat(SLOWED_TEST_DATA_DIR "/bbh/tasks", &st) == 0;
+}
+}  // namespace
+
+TEST_CASE("BBH split is deterministic, per task, and keeps only correct rationales", "[cpu]") {
+  if (!have_data()) {
+    WARN("data folder " SLOWED_TEST_DATA_DIR " missing: skipped");
+    return;
+  }
+  BbhOptions o;
+  o.tasks = {"boolean_expressions", "date_understanding"};
+  const BbhSplit a = load_bbh(SLOWED_TEST_DATA_DIR, o);
+  const BbhSplit b = load_bbh(SLOWED_TEST_DATA_DIR, o);
+  REQUIRE(a.test.size() == 100);  // 20% of 250 + 250
+  REQUIRE(a.train.size() + static_cast<size_t>(a.dropped_wrong_rationales) == 400);
+  for (size_t i = 0; i < a.test.size(); ++i) CHECK(a.test[i].prompt == b.test[i].prompt);
+  std::set<std::string> test_prompts;
+  for (const auto& e : a.test) test_prompts.insert(e.prompt);
+  for (const auto& e : a.train) {
+    CHECK(test_prompts.count(e.prompt) == 0);       // no leakage
+    CHECK(answer_matches(e.rationale, e.target));   // correct rationales only
+    CHECK(e.prompt.rfind("Task Description:\n", 0) == 0);
+    CHECK(e.prompt.size() > 5);
+    CHECK(e.prompt.substr(e.prompt.size() - 4) == "\n\nA:");
+  }
+  // Subsets are prefixes of the full split: a quick run's test items are in the full run's.
+  BbhOptions small = o;
+  small.test_per_task = 7;
+  const BbhSplit s = load_bbh(SLOWED_TEST_DATA_DIR, small);
+  REQUIRE(s.test.size() == 14);
+  for (const auto& e : s.test) CHECK(test_prompts.count(e.prompt) == 1);
+}
+
+TEST_CASE("out-of-domain sets and AdvBench load with their gold answers", "[cpu]") {
+  if (!have_data()) {
+    WARN("data folder " SLOWED_TEST_DATA_DIR " missing: skipped");
+    return;
+  }
+  check_data_dir(SLOWED_TEST_DATA_DIR);
+  const auto arc = load_arc(SLOWED_TEST_DATA_DIR, "ARC-Challenge", 10, 1);
+  REQUIRE(arc.size() == 10);
+  for (const auto& e : arc) CHECK(is_option_letter(e.target));
+  CHECK(load_arc(SLOWED_TEST_DATA_DIR, "ARC-Easy", -1, 1).size() == 2376);
+  const auto agi = load_agieval(SLOWED_TEST_DATA_DIR, -1, 1);
+  CHECK(agi.size() > 2000);
+  for (const auto& e : agi) CHECK(is_option_letter(e.target));
+  const auto adv = load_advbench(SLOWED_TEST_DATA_DIR, -1, 1);
+  CHECK(adv.size() == 520);
+  CHECK(load_advbench(SLOWED_TEST_DATA_DIR, 5, 1).size() == 5);
+  CHECK_THROWS_WITH(check_data_dir("/nonexistent"), Catch::Contains("/nonexistent/bbh"));
+}

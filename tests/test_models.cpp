@@ -1,27 +1,125 @@
-// Tests of the example-side model library: JSON, GGUF, safetensors readers, models, generation.
+// Tests of the example-side model library (examples/common): JSON, GGUF and safetensors readers,
+// the Llama/Qwen2/BLOOM models, loaders and greedy generation. References come from
+// tests/fixtures/make_model_fixtures.py (transformers, safetensors, gguf-py); see
+// docs/models.md for the tolerances and why.
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include "common/generate.h"
 #include "common/gguf.h"
 #include "common/json.h"
+#include "common/model.h"
+#include "common/safetensors.h"
 
+#include <ftw.h>
+#include <unistd.h>
+
+#include <cstdio>
+
+#include <filesystem>
 #include <fstream>
+#include <set>
 
 using namespace slowed_examples;
+namespace fs = std::filesystem;
 
 namespace {
+
+const std::string kFixtures = std::string(SLOWED_TEST_FIXTURE_DIR) + "/models";
+
 std::string smollm2_path() {
   return std::string(SLOWED_TEST_MODELS_DIR) + "/SmolLM2-135M-Instruct.Q4_1.gguf";
 }
-bool file_exists(const std::string& p) { return std::ifstream(p).good(); }
+
+json::Value manifest() { return json::parse_file(kFixtures + "/manifest.json"); }
+
+std::vector<std::string> model_names() {
+  std::vector<std::string> names;
+  const json::Value man = manifest();  // keep alive: the loop below borrows from it
+  for (const auto& m : man["models"].elements()) names.push_back(m["name"].as_string());
+  return names;
+}
+
+const json::Value& model_entry(const json::Value& man, const std::string& name) {
+  for (const auto& m : man["models"].elements())
+    if (m["name"].as_string() == name) return m;
+  FAIL("no fixture model " << name);
+  throw;  // unreachable
+}
+
+double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a.to(torch::kFloat64).cpu() - b.to(torch::kFloat64).cpu()).abs().max().item<double>();
+}
+
+std::vector<int64_t> row_ids(const torch::Tensor& ids2d, int64_t row, const torch::Tensor& mask) {
+  std::vector<int64_t> out;
+  auto r = ids2d[row];
+  for (int64_t j = 0; j < r.size(0); ++j)
+    if (!mask.defined() || mask[row][j].item<int64_t>() != 0) out.push_back(r[j].item<int64_t>());
+  return out;
+}
+
+// A scratch folder removed at scope exit.
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    path = fs::temp_directory_path() /
+           ("slowed_test_models_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++));
+    fs::create_directories(path);
+  }
+  // POSIX nftw, not fs::remove_all: with this libtorch build, remove_all binds to a broken
+  // copy exported by libtorch.so and crashes.
+  ~TempDir() {
+    nftw(path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); },
+         16, FTW_DEPTH | FTW_PHYS);
+  }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+  static int& counter() {
+    static int c = 0;
+    return c;
+  }
+};
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream f(path, std::ios::binary);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+// Greedy generation reference rows: new tokens up to -1.
+std::vector<std::vector<int64_t>> expected_generations(const torch::Tensor& out) {
+  std::vector<std::vector<int64_t>> rows;
+  for (int64_t i = 0; i < out.size(0); ++i) {
+    std::vector<int64_t> r;
+    for (int64_t j = 0; j < out.size(1); ++j) {
+      const int64_t t = out[i][j].item<int64_t>();
+      if (t < 0) break;
+      r.push_back(t);
+    }
+    rows.push_back(r);
+  }
+  return rows;
+}
+
+// Logits of the tiny models: fp32 on CPU through the same ATen kernels as transformers; the
+// differences are accumulation order only (observed ~1e-6).
+constexpr double kTinyTol = 1e-4;
+
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// JSON
 
 TEST_CASE("json parses objects, arrays, escapes and numbers", "[cpu]") {
   auto v = json::parse(R"({"a": [1, 2.5, -3e2, true, false, null], "s": "x\u00e9\ud83d\ude00\n",
-                          "big": 12345678901234, "o": {"k": "v"}})");
+                          "big": 12345678901234, "o": {"k": "v"}, "e": [], "eo": {}})");
   REQUIRE(v.is_object());
   REQUIRE(v["a"].size() == 6);
   CHECK(v["a"][0].as_int() == 1);
+  CHECK(v["a"][0].is_int());
   CHECK(v["a"][1].as_double() == 2.5);
   CHECK(v["a"][2].as_double() == -300.0);
   CHECK(v["a"][3].as_bool());
@@ -29,15 +127,138 @@ TEST_CASE("json parses objects, arrays, escapes and numbers", "[cpu]") {
   CHECK(v["s"].as_string() == "x\xc3\xa9\xf0\x9f\x98\x80\n");
   CHECK(v["big"].as_int() == 12345678901234LL);
   CHECK(v["o"]["k"].as_string() == "v");
+  CHECK(v["e"].size() == 0);
+  CHECK(v["eo"].size() == 0);
   CHECK(v.items()[0].first == "a");
+  CHECK(v.get_int("missing", 7) == 7);
+  CHECK(json::parse(v.dump()).dump() == v.dump());
+}
+
+TEST_CASE("json errors name the source and the byte offset", "[cpu]") {
   CHECK_THROWS_WITH(json::parse("{\"a\": [1, 2,]}", "t.json"),
                     Catch::Contains("t.json") && Catch::Contains("byte offset 12"));
+  CHECK_THROWS_WITH(json::parse("{\"a\" 1}"), Catch::Contains("byte offset 5") &&
+                                                Catch::Contains("':'"));
+  CHECK_THROWS_WITH(json::parse("\"abc"), Catch::Contains("closing"));
+  CHECK_THROWS_WITH(json::parse("[1] x"), Catch::Contains("end of input"));
+  CHECK_THROWS_WITH(json::parse("\"\\ud800\""), Catch::Contains("surrogate"));
+  CHECK_THROWS_WITH(json::parse(std::string(1000, '[')), Catch::Contains("depth"));
+  CHECK_THROWS_WITH(json::parse_file("/nonexistent/x.json"), Catch::Contains("/nonexistent/x.json"));
+  auto v = json::parse(R"({"a": 1.5})");
   CHECK_THROWS_WITH(v["missing"], Catch::Contains("'missing'"));
-  CHECK_THROWS_WITH(v["a"][1].as_int(), Catch::Contains("integer"));
+  CHECK_THROWS_WITH(v["a"].as_int(), Catch::Contains("integer"));
+  CHECK_THROWS_WITH(v["a"].as_string(), Catch::Contains("expected a string"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF
+
+TEST_CASE("gguf reads metadata of every value type, nested arrays included", "[cpu]") {
+  auto f = GgufFile::open(kFixtures + "/quant.gguf");
+  CHECK(f.version() == 3);
+  CHECK(f.get_int("test.u8") == 200);
+  CHECK(f.get_int("test.i8") == -100);
+  CHECK(f.get_int("test.u16") == 60000);
+  CHECK(f.get_int("test.i16") == -30000);
+  CHECK(f.get_int("test.u32") == 4000000000LL);
+  CHECK(f.get_int("test.i32") == -2000000000LL);
+  CHECK(f.get_int("test.u64") == (int64_t(1) << 60));
+  CHECK(f.get_int("test.i64") == -(int64_t(1) << 60));
+  CHECK(f.get_float("test.f32") == 0.25);
+  CHECK(f.get_float("test.f64") == -1.0e-300);
+  CHECK(f.get_bool("test.bool"));
+  CHECK(f.get_string("test.str") == "h\xc3\xa9llo \xe2\x9c\x93");
+  CHECK(f.get_string_array("test.arr_str") == std::vector<std::string>{"a", "bc", ""});
+  CHECK(f.get_int_array("test.arr_int") == std::vector<int64_t>{1, -2, 3});
+  CHECK(f.get_float_array("test.arr_float") == std::vector<double>{0.5, 1.5});
+  const GgufValue& nested = f.value("test.nested");
+  REQUIRE(nested.type == GgufType::ARRAY);
+  REQUIRE(nested.elem_type == GgufType::ARRAY);
+  REQUIRE(nested.elems.size() == 2);
+  CHECK(nested.elems[1].elems.size() == 3);
+  CHECK(nested.elems[1].elems[2].i + static_cast<int64_t>(nested.elems[1].elems[2].u) == 5);
+  CHECK(f.get_string("general.architecture") == "llama");
+  const auto keys = f.keys();
+  CHECK(std::find(keys.begin(), keys.end(), "test.nested") != keys.end());
+  CHECK_THROWS_WITH(f.get_int("test.str"), Catch::Contains("'test.str'") &&
+                                               Catch::Contains("expected an integer") &&
+                                               Catch::Contains("STRING"));
+  CHECK_THROWS_WITH(f.get_string("test.u8"), Catch::Contains("expected STRING, got UINT8"));
+  CHECK_THROWS_WITH(f.get_string("no.such.key"), Catch::Contains("'no.such.key'") &&
+                                                     Catch::Contains("quant.gguf"));
+  CHECK_THROWS_WITH(f.get_string_array("test.arr_int"), Catch::Contains("array of STRING"));
+}
+
+TEST_CASE("gguf dequantization matches gguf-py for every supported type", "[cpu]") {
+  auto f = GgufFile::open(kFixtures + "/quant.gguf");
+  auto ref = SafetensorsFile::open(kFixtures + "/quant_ref.safetensors");
+  const torch::Tensor original = ref.tensor("original");
+  for (const char* type : {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K",
+                           "Q6_K"}) {
+    INFO("type " << type);
+    const std::string name = std::string("t_") + type;
+    torch::Tensor ours = f.tensor(name);
+    torch::Tensor theirs = ref.tensor(name);
+    REQUIRE(ours.sizes() == theirs.sizes());
+    CHECK(ggml_type_name(f.tensor_info(name).type) == type);
+    // Same arithmetic on the same blocks: only the order of d * sc * q may differ (1 ulp).
+    CHECK(torch::allclose(ours, theirs, /*rtol=*/1e-6, /*atol=*/1e-7));
+    if (std::string(type).rfind("Q", 0) == 0 && std::string(type).find("_K") == std::string::npos) {
+      // And the quantization itself is sane: within a block's step of the original.
+      CHECK(max_abs_diff(ours, original) < 0.5);
+    }
+  }
+  auto t3 = f.tensor("t_3d");
+  CHECK(t3.sizes() == torch::IntArrayRef({2, 3, 4}));
+  CHECK(t3[1][2][3].item<float>() == 23.0f);
+  CHECK_THROWS_WITH(f.tensor("t_Q2_K"), Catch::Contains("'t_Q2_K'") && Catch::Contains("Q2_K") &&
+                                            Catch::Contains("not supported") &&
+                                            Catch::Contains("quant.gguf"));
+  CHECK_THROWS_WITH(f.tensor("t_missing"), Catch::Contains("'t_missing'") &&
+                                               Catch::Contains("not found"));
+}
+
+TEST_CASE("gguf bad input gives errors naming the file", "[cpu]") {
+  TempDir tmp;
+  const std::string good = read_bytes(kFixtures + "/quant.gguf");
+  REQUIRE(good.size() > 1000);
+
+  CHECK_THROWS_WITH(GgufFile::open(tmp.file("missing.gguf")),
+                    Catch::Contains("missing.gguf") && Catch::Contains("cannot open"));
+
+  std::string bad = good;
+  bad[3] = 'X';
+  write_bytes(tmp.file("magic.gguf"), bad);
+  CHECK_THROWS_WITH(GgufFile::open(tmp.file("magic.gguf")),
+                    Catch::Contains("magic.gguf") && Catch::Contains("bad magic") &&
+                        Catch::Contains("GGUX"));
+
+  bad = good;
+  bad[4] = 9;  // version 9
+  write_bytes(tmp.file("version.gguf"), bad);
+  CHECK_THROWS_WITH(GgufFile::open(tmp.file("version.gguf")),
+                    Catch::Contains("version.gguf") && Catch::Contains("unsupported version 9"));
+
+  bad = good;
+  bad[4] = 2;  // v2 has the v3 layout (little-endian): accepted
+  write_bytes(tmp.file("v2.gguf"), bad);
+  CHECK(GgufFile::open(tmp.file("v2.gguf")).version() == 2);
+
+  write_bytes(tmp.file("short.gguf"), good.substr(0, good.size() - 100));
+  CHECK_THROWS_WITH(GgufFile::open(tmp.file("short.gguf")),
+                    Catch::Contains("short.gguf") && Catch::Contains("truncated") &&
+                        Catch::Contains("tensor '"));
+
+  write_bytes(tmp.file("header.gguf"), good.substr(0, 200));
+  CHECK_THROWS_WITH(GgufFile::open(tmp.file("header.gguf")),
+                    Catch::Contains("header.gguf") && Catch::Contains("truncated"));
+
+  write_bytes(tmp.file("empty.gguf"), "");
+  CHECK_THROWS_WITH(GgufFile::open(tmp.file("empty.gguf")), Catch::Contains("bad magic"));
 }
 
 TEST_CASE("gguf reads SmolLM2 metadata and tensors", "[cpu]") {
-  if (!file_exists(smollm2_path())) {
+  if (!fs::exists(smollm2_path())) {
     WARN("SmolLM2 GGUF missing at " << smollm2_path() << "; run scripts/setup");
     return;
   }
@@ -50,12 +271,364 @@ TEST_CASE("gguf reads SmolLM2 metadata and tensors", "[cpu]") {
   CHECK(f.get_string_array("tokenizer.ggml.tokens").size() == 49152);
   CHECK(f.get_int_array("tokenizer.ggml.token_type").size() == 49152);
   CHECK(f.tensor_names().size() == 272);
+  CHECK(f.tensor_info("token_embd.weight").type == GgmlType::Q8_0);
+  CHECK(f.tensor_info("blk.0.attn_q.weight").type == GgmlType::Q4_1);
   auto norm = f.tensor("blk.0.attn_norm.weight");
   CHECK(norm.sizes() == torch::IntArrayRef({576}));
   CHECK(norm.sum().item<double>() == Approx(0.61294365).epsilon(1e-5));
-  auto emb = f.tensor("token_embd.weight");
-  CHECK(emb.sizes() == torch::IntArrayRef({49152, 576}));
-  CHECK_THROWS_WITH(f.get_int("general.name"), Catch::Contains("general.name") &&
-                                                   Catch::Contains("expected an integer"));
-  CHECK_THROWS_WITH(f.tensor("nope"), Catch::Contains("'nope'") && Catch::Contains("Q4_1.gguf"));
+  auto cfg = ModelConfig::from_gguf(f);
+  CHECK(cfg.num_layers == 30);
+  CHECK(cfg.hidden_size == 576);
+  CHECK(cfg.num_heads == 9);
+  CHECK(cfg.num_kv_heads == 3);
+  CHECK(cfg.intermediate_size == 1536);
+  CHECK(cfg.vocab_size == 49152);
+  CHECK(cfg.tie_word_embeddings);
+  CHECK(cfg.rope_theta == 100000.0);
+  CHECK(cfg.eos_token_ids == std::vector<int64_t>{2});
+}
+
+// ---------------------------------------------------------------------------------------------
+// safetensors
+
+TEST_CASE("safetensors reads single and sharded checkpoints", "[cpu]") {
+  auto single = SafetensorsCheckpoint::open(kFixtures + "/llama_tied");
+  CHECK(single.files().size() == 1);
+  CHECK(single.has_tensor("model.embed_tokens.weight"));
+  CHECK(single.tensor("model.embed_tokens.weight").sizes() == torch::IntArrayRef({256, 64}));
+  auto sharded = SafetensorsCheckpoint::open(kFixtures + "/llama_sharded_bias");
+  CHECK(sharded.files().size() > 1);
+  CHECK(sharded.has_tensor("model.layers.1.mlp.down_proj.bias"));
+  auto ref = SafetensorsFile::open(kFixtures + "/llama_tied.ref.safetensors");
+  CHECK(ref.tensor_info("input_ids").dtype == "I64");
+  CHECK(ref.tensor("input_ids").scalar_type() == torch::kLong);
+  CHECK(ref.tensor("logits").scalar_type() == torch::kFloat32);
+}
+
+TEST_CASE("safetensors bad input gives errors naming the file and tensor", "[cpu]") {
+  TempDir tmp;
+  const std::string path = kFixtures + "/llama_tied.ref.safetensors";
+  const std::string good = read_bytes(path);
+  CHECK_THROWS_WITH(SafetensorsFile::open(tmp.file("none.safetensors")),
+                    Catch::Contains("none.safetensors") && Catch::Contains("cannot open"));
+  CHECK_THROWS_WITH(SafetensorsCheckpoint::open(tmp.file("nofolder")),
+                    Catch::Contains("nofolder"));
+
+  std::string bad = good;
+  bad[7] = 0x7f;  // header length ~ 2^63
+  write_bytes(tmp.file("len.safetensors"), bad);
+  CHECK_THROWS_WITH(SafetensorsFile::open(tmp.file("len.safetensors")),
+                    Catch::Contains("len.safetensors") && Catch::Contains("corrupt header") &&
+                        Catch::Contains("header length"));
+
+  bad = good;
+  bad[8] = '[';  // the header's first byte: no longer an object
+  bad[9] = '}';
+  write_bytes(tmp.file("json.safetensors"), bad);
+  CHECK_THROWS_WITH(SafetensorsFile::open(tmp.file("json.safetensors")),
+                    Catch::Contains("json.safetensors") && Catch::Contains("corrupt header") &&
+                        Catch::Contains("byte offset"));
+
+  write_bytes(tmp.file("trunc.safetensors"), good.substr(0, good.size() - 64));
+  CHECK_THROWS_WITH(SafetensorsFile::open(tmp.file("trunc.safetensors")),
+                    Catch::Contains("trunc.safetensors") && Catch::Contains("tensor '"));
+
+  auto ok = SafetensorsFile::open(path);
+  CHECK_THROWS_WITH(ok.tensor("nope"), Catch::Contains("'nope'") &&
+                                           Catch::Contains("llama_tied.ref.safetensors"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Models against transformers
+
+TEST_CASE("model configs and names follow HF", "[cpu]") {
+  const auto man = manifest();
+  for (const auto& name : model_names()) {
+    INFO("model " << name);
+    auto lm = load_model(kFixtures + "/" + name);
+    auto ckpt = SafetensorsCheckpoint::open(kFixtures + "/" + name);
+    std::set<std::string> ours, theirs;
+    for (const auto& p : lm.model->named_parameters()) ours.insert(p.key());
+    for (const auto& n : ckpt.tensor_names())
+      if (!(lm.config.tie_word_embeddings && n == "lm_head.weight")) theirs.insert(n);
+    CHECK(ours == theirs);
+    CHECK(lm.config.architecture == model_entry(man, name)["arch"].as_string());
+    CHECK(lm.config.eos_token_ids == std::vector<int64_t>{2});
+    CHECK(lm.config.bos_token_id == 1);
+    CHECK(!lm.model->is_training());
+  }
+  auto l3 = load_model(kFixtures + "/llama3_untied").config;
+  CHECK(l3.rope_scaling.type == "llama3");
+  CHECK(l3.rope_scaling.factor == 8.0);
+  CHECK(l3.rope_scaling.original_max_position_embeddings == 32);
+  CHECK(l3.rope_theta == 500000.0);
+  CHECK(!l3.tie_word_embeddings);
+  CHECK(load_model(kFixtures + "/qwen2").config.qkv_bias);
+}
+
+TEST_CASE("tiny models match transformers' logits, padded batches included", "[cpu]") {
+  const auto man = manifest();
+  for (const auto& name : model_names()) {
+    const auto& entry = model_entry(man, name);
+    INFO("model " << name);
+    auto ref = SafetensorsFile::open(kFixtures + "/" + entry["ref"].as_string());
+    std::vector<std::string> sources = {kFixtures + "/" + name};
+    if (entry.contains("gguf")) sources.push_back(kFixtures + "/" + entry["gguf"].as_string());
+    for (const auto& src : sources) {
+      INFO("source " << src);
+      auto lm = load_model(src);
+      torch::NoGradGuard ng;
+      // One unpadded sequence.
+      auto logits = lm.model->forward(ref.tensor("input_ids"));
+      CHECK(max_abs_diff(logits, ref.tensor("logits")) < kTinyTol);
+
+      // Left-padded batch: compare real positions only.
+      auto ids = ref.tensor("padded_input_ids");
+      auto mask = ref.tensor("padded_attention_mask");
+      auto expected = ref.tensor("padded_logits");
+      auto real = mask.to(torch::kBool);
+      auto padded = lm.model->forward(ids, mask);  // positions from the mask
+      CHECK(max_abs_diff(padded.index({real}), expected.index({real})) < kTinyTol);
+      ForwardOptions fo;
+      fo.attention_mask = mask;
+      fo.position_ids = (mask.cumsum(-1) - 1).clamp_min(0);
+      auto explicit_pos = lm.model->forward(ids, fo);
+      CHECK(max_abs_diff(explicit_pos.index({real}), expected.index({real})) < kTinyTol);
+      CHECK(torch::isfinite(padded).all().item<bool>());
+      // The padded row equals the row alone.
+      auto alone = ref.tensor("alone_logits");
+      CHECK(max_abs_diff(padded[1].narrow(0, 4, alone.size(1)), alone[0]) < kTinyTol);
+
+      // KV cache: prefill 5 tokens, then one at a time; each step equals the full forward.
+      KVCache cache;
+      ForwardOptions co;
+      co.cache = &cache;
+      const auto full = ref.tensor("logits");
+      const auto in = ref.tensor("input_ids");
+      auto pre = lm.model->forward(in.narrow(1, 0, 5), co);
+      CHECK(max_abs_diff(pre, full.narrow(1, 0, 5)) < kTinyTol);
+      for (int64_t t = 5; t < in.size(1); ++t) {
+        auto step = lm.model->forward(in.narrow(1, t, 1), co);
+        CHECK(max_abs_diff(step, full.narrow(1, t, 1)) < kTinyTol);
+      }
+      CHECK(cache.length() == in.size(1));
+      // logits_to_keep.
+      ForwardOptions ko;
+      ko.logits_to_keep = 2;
+      CHECK(max_abs_diff(lm.model->forward(in, ko), full.narrow(1, in.size(1) - 2, 2)) < kTinyTol);
+    }
+  }
+}
+
+TEST_CASE("greedy generation matches transformers token for token", "[cpu]") {
+  const auto man = manifest();
+  for (const auto& name : model_names()) {
+    const auto& entry = model_entry(man, name);
+    INFO("model " << name << " (smallest greedy margin " << entry["gen_margin"].as_double() << ")");
+    auto ref = SafetensorsFile::open(kFixtures + "/" + entry["ref"].as_string());
+    auto lm = load_model(kFixtures + "/" + name);
+    auto ids = ref.tensor("gen_input_ids");
+    auto mask = ref.tensor("gen_attention_mask");
+    std::vector<std::vector<int64_t>> prompts;
+    for (int64_t i = 0; i < ids.size(0); ++i) prompts.push_back(row_ids(ids, i, mask));
+    const auto expected = expected_generations(ref.tensor("gen_output"));
+    GenerateOptions opt;
+    opt.max_new_tokens = ref.tensor("gen_output").size(1);
+    opt.stop_tokens = {ref.tensor("gen_stop")[0].item<int64_t>()};
+    auto got = generate_greedy(*lm.model, prompts, opt);
+    CHECK(got == expected);
+    CHECK(got[0].size() < static_cast<size_t>(opt.max_new_tokens));  // prompt 0 stopped early
+    // Each prompt alone gives the same tokens as in the batch.
+    for (size_t i = 0; i < prompts.size(); ++i)
+      CHECK(generate_greedy(*lm.model, {prompts[i]}, opt)[0] == expected[i]);
+    // Per-sequence limits and stop tokens.
+    GenerateOptions per;
+    per.max_new_tokens_per_sequence = {3, 0, 5};
+    per.stop_tokens_per_sequence = {{}, {}, {expected[2][1]}};
+    auto limited = generate_greedy(*lm.model, prompts, per);
+    CHECK(limited[0].size() == 3);
+    CHECK(limited[1].empty());
+    CHECK(limited[2].size() == 2);
+  }
+}
+
+TEST_CASE("SmolLM2 Q4_1 GGUF logits match transformers' GGUF loader", "[cpu]") {
+  const auto man = manifest();
+  const auto& s = man["smollm2"];
+  if (s["status"].as_string() != "ok") {
+    WARN("SmolLM2 reference not available: " << s.get_string("message", s["status"].as_string())
+                                             << " -- the SmolLM2 comparison did NOT run");
+    return;
+  }
+  auto ref = SafetensorsFile::open(kFixtures + "/smollm2/ref.safetensors");
+  auto lm = load_model(smollm2_path());
+  CHECK(lm.config.num_layers == 30);
+  torch::NoGradGuard ng;
+  for (int64_t i = 0; i < s["prompts"].as_int(); ++i) {
+    INFO("prompt " << i);
+    auto ids = ref.tensor("input_ids_" + std::to_string(i));
+    auto expected = ref.tensor("logits_" + std::to_string(i));
+    auto logits = lm.model->forward(ids);
+    const double diff = max_abs_diff(logits, expected);
+    const double scale = expected.abs().max().item<double>();
+    INFO("max |diff| " << diff << " (logits up to " << scale << ")");
+    // Both dequantize the same Q4_1/Q8_0 blocks exactly; what remains is float32 accumulation
+    // order over 30 layers (observed ~1e-4 of logits of magnitude ~30).
+    CHECK(diff < 2e-3);
+    CHECK(logits[0][-1].argmax().item<int64_t>() == expected[0][-1].argmax().item<int64_t>());
+  }
+  GenerateOptions opt;
+  opt.max_new_tokens = ref.tensor("gen_output").size(1);
+  auto prompt = row_ids(ref.tensor("gen_input_ids"), 0, {});
+  auto got = generate_greedy(*lm.model, {prompt}, opt);
+  CHECK(got[0] == expected_generations(ref.tensor("gen_output"))[0]);
+}
+
+TEST_CASE("unsupported architectures and bad model folders are named", "[cpu]") {
+  TempDir tmp;
+  fs::create_directories(tmp.path / "gpt2");
+  write_bytes(tmp.file("gpt2/config.json"), R"({"model_type": "gpt2", "vocab_size": 10})");
+  CHECK_THROWS_WITH(load_model(tmp.file("gpt2")), Catch::Contains("'gpt2'") &&
+                                                      Catch::Contains("unsupported architecture"));
+  CHECK_THROWS_WITH(load_model(tmp.file("nothing")), Catch::Contains("nothing") &&
+                                                         Catch::Contains("does not exist"));
+  // A checkpoint that lacks a tensor.
+  fs::create_directories(tmp.path / "partial");
+  fs::copy_file(kFixtures + "/llama_tied/config.json", tmp.file("partial/config.json"));
+  fs::copy_file(kFixtures + "/llama_tied.ref.safetensors", tmp.file("partial/model.safetensors"));
+  CHECK_THROWS_WITH(load_model(tmp.file("partial")),
+                    Catch::Contains("'model.embed_tokens.weight'") && Catch::Contains("not found"));
+  // A GGUF with another architecture.
+  CHECK_THROWS_WITH(load_model(kFixtures + "/quant.gguf"), Catch::Contains("quant.gguf"));
+}
+
+TEST_CASE("GGUF Q/K permutation round-trips", "[cpu]") {
+  auto w = torch::randn({12, 5});
+  CHECK(torch::equal(slowed_examples::detail::gguf_unpermute_qk(slowed_examples::detail::gguf_permute_qk(w, 3), 3), w));
+  CHECK(!torch::equal(slowed_examples::detail::gguf_permute_qk(w, 3), w));
+  auto b = torch::randn({12});
+  CHECK(torch::equal(slowed_examples::detail::gguf_unpermute_qk(slowed_examples::detail::gguf_permute_qk(b, 2), 2), b));
+  CHECK(slowed_examples::detail::gguf_name_for("llama", "model.layers.3.self_attn.q_proj.weight") ==
+        "blk.3.attn_q.weight");
+  CHECK(slowed_examples::detail::gguf_name_for("bloom", "transformer.h.0.self_attention.query_key_value.bias") ==
+        "blk.0.attn_qkv.bias");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training
+
+namespace {
+void check_one_step_reduces_loss(const std::string& name, torch::Dtype dtype, torch::Device dev) {
+  auto lm = load_model(kFixtures + "/" + name, dtype, dev);
+  lm.model->train();
+  auto ids = torch::randint(3, 256, {4, 12}, torch::TensorOptions(torch::kLong)).to(dev);
+  auto loss_of = [&]() {
+    auto logits = lm.model->forward(ids.narrow(1, 0, 11));
+    return torch::nn::functional::cross_entropy(logits.reshape({-1, 256}).to(torch::kFloat32),
+                                                ids.narrow(1, 1, 11).reshape({-1}));
+  };
+  torch::optim::AdamW opt(lm.model->parameters(), torch::optim::AdamWOptions(1e-2).weight_decay(0.0));
+  opt.zero_grad();
+  auto before = loss_of();
+  before.backward();
+  for (const auto& p : lm.model->parameters()) {
+    REQUIRE(p.grad().defined());
+    CHECK(p.grad().scalar_type() == dtype);
+    CHECK(torch::isfinite(p.grad()).all().item<bool>());
+  }
+  opt.step();
+  torch::Tensor after;
+  {
+    torch::NoGradGuard ng;
+    after = loss_of();
+  }
+  INFO(name << " " << dtype << ": loss " << before.item<double>() << " -> " << after.item<double>());
+  CHECK(after.item<double>() < before.item<double>());
+}
+}  // namespace
+
+TEST_CASE("one AdamW step reduces the loss in fp32 and bf16", "[cpu]") {
+  torch::manual_seed(0);
+  for (const char* name : {"llama_tied", "bloom", "qwen2"}) {
+    check_one_step_reduces_loss(name, torch::kFloat32, torch::kCPU);
+    check_one_step_reduces_loss(name, torch::kBFloat16, torch::kCPU);
+  }
+}
+
+TEST_CASE("bf16 logits stay close to fp32", "[cpu]") {
+  auto ref = SafetensorsFile::open(kFixtures + "/llama_tied.ref.safetensors");
+  auto lm = load_model(kFixtures + "/llama_tied", torch::kBFloat16);
+  torch::NoGradGuard ng;
+  auto logits = lm.model->forward(ref.tensor("input_ids"));
+  CHECK(logits.scalar_type() == torch::kBFloat16);
+  // bf16 keeps 8 mantissa bits: ~0.4% relative per rounding; logits here are O(5).
+  CHECK(max_abs_diff(logits, ref.tensor("logits")) < 0.25);
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA
+
+TEST_CASE("CUDA: tiny models match transformers and train in bf16", "[cuda]") {
+  if (!torch::cuda::is_available()) {
+    WARN("no CUDA device: CUDA model tests skipped");
+    return;
+  }
+  const auto man = manifest();
+  const torch::Device dev(torch::kCUDA, 0);
+  for (const auto& name : model_names()) {
+    INFO("model " << name);
+    auto ref = SafetensorsFile::open(kFixtures + "/" + model_entry(man, name)["ref"].as_string());
+    auto lm = load_model(kFixtures + "/" + name, torch::kFloat32, dev);
+    torch::NoGradGuard ng;
+    auto logits = lm.model->forward(ref.tensor("input_ids").to(dev));
+    // CUDA kernels (cuBLAS, SDPA) reorder sums; TF32 is off by default in LibTorch.
+    CHECK(max_abs_diff(logits, ref.tensor("logits")) < 1e-3);
+    auto ids = ref.tensor("padded_input_ids").to(dev);
+    auto mask = ref.tensor("padded_attention_mask").to(dev);
+    auto real = mask.to(torch::kBool).cpu();
+    auto padded = lm.model->forward(ids, mask).cpu();
+    CHECK(max_abs_diff(padded.index({real}), ref.tensor("padded_logits").index({real})) < 1e-3);
+  }
+  for (const char* name : {"llama_tied", "bloom"}) {
+    check_one_step_reduces_loss(name, torch::kFloat32, dev);
+    check_one_step_reduces_loss(name, torch::kBFloat16, dev);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Diagnostics (hidden tag, run by hand): the observed differences quoted in docs/models.md.
+//   build/tests/test_models "[.diag]"
+
+TEST_CASE("diagnostic: observed differences to transformers", "[.diag]") {
+  const auto man = manifest();
+  torch::NoGradGuard ng;
+  for (const auto& name : model_names()) {
+    const auto& entry = model_entry(man, name);
+    auto ref = SafetensorsFile::open(kFixtures + "/" + entry["ref"].as_string());
+    std::vector<std::string> sources = {kFixtures + "/" + name};
+    if (entry.contains("gguf")) sources.push_back(kFixtures + "/" + entry["gguf"].as_string());
+    for (const auto& src : sources) {
+      auto lm = load_model(src);
+      auto mask = ref.tensor("padded_attention_mask");
+      auto real = mask.to(torch::kBool);
+      const double d1 = max_abs_diff(lm.model->forward(ref.tensor("input_ids")), ref.tensor("logits"));
+      const double d2 = max_abs_diff(
+          lm.model->forward(ref.tensor("padded_input_ids"), mask).index({real}),
+          ref.tensor("padded_logits").index({real}));
+      std::printf("%-60s max|diff| %.3g (padded batch %.3g), logits up to %.3g\n",
+                  fs::path(src).filename().c_str(), d1, d2,
+                  ref.tensor("logits").abs().max().item<double>());
+    }
+  }
+  if (man["smollm2"]["status"].as_string() == "ok") {
+    auto ref = SafetensorsFile::open(kFixtures + "/smollm2/ref.safetensors");
+    auto lm = load_model(smollm2_path());
+    for (int64_t i = 0; i < man["smollm2"]["prompts"].as_int(); ++i) {
+      auto expected = ref.tensor("logits_" + std::to_string(i));
+      auto logits = lm.model->forward(ref.tensor("input_ids_" + std::to_string(i)));
+      std::printf("SmolLM2 prompt %lld: max|diff| %.3g, logits up to %.3g\n",
+                  static_cast<long long>(i), max_abs_diff(logits, expected),
+                  expected.abs().max().item<double>());
+    }
+  }
 }

@@ -1,0 +1,230 @@
+// ModelConfig from HF config.json (transformers 4.x "rope_theta"/"rope_scaling" and 5.x
+// "rope_parameters" spellings) or from GGUF metadata.
+
+#include "common/gguf.h"
+#include "common/model.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <sstream>
+
+namespace slowed_examples {
+
+namespace {
+
+void read_rope(const json::Value& holder, ModelConfig& c) {
+  c.rope_scaling.type = holder.get_string("rope_type", holder.get_string("type", "default"));
+  c.rope_scaling.factor = holder.get_double("factor", 1.0);
+  c.rope_scaling.low_freq_factor = holder.get_double("low_freq_factor", 1.0);
+  c.rope_scaling.high_freq_factor = holder.get_double("high_freq_factor", 4.0);
+  c.rope_scaling.original_max_position_embeddings =
+      holder.get_int("original_max_position_embeddings", 8192);
+}
+
+std::vector<int64_t> int_or_list(const json::Value& v) {
+  std::vector<int64_t> out;
+  if (v.is_array()) {
+    for (const auto& e : v.elements()) out.push_back(e.as_int());
+  } else if (!v.is_null()) {
+    out.push_back(v.as_int());
+  }
+  return out;
+}
+
+}  // namespace
+
+ModelConfig ModelConfig::from_hf_json(const json::Value& j, const std::string& source) {
+  TORCH_CHECK(j.is_object(), "model config '", source, "': expected a JSON object");
+  ModelConfig c;
+  std::string model_type = j.get_string("model_type", "");
+  if (model_type.empty() && j.contains("architectures") && j["architectures"].is_array() &&
+      j["architectures"].size() > 0) {
+    const std::string a = j["architectures"][0].as_string();
+    if (a == "LlamaForCausalLM") model_type = "llama";
+    else if (a == "Qwen2ForCausalLM") model_type = "qwen2";
+    else if (a == "BloomForCausalLM") model_type = "bloom";
+    else model_type = a;
+  }
+  TORCH_CHECK(model_type == "llama" || model_type == "qwen2" || model_type == "bloom",
+              "model config '", source, "': unsupported architecture '", model_type,
+              "' (supported: llama, qwen2, bloom)");
+  c.architecture = model_type;
+  try {
+    c.vocab_size = j["vocab_size"].as_int();
+    if (model_type == "bloom") {
+      c.hidden_size = j.contains("hidden_size") ? j["hidden_size"].as_int() : j["n_embed"].as_int();
+      c.num_layers = j["n_layer"].as_int();
+      c.num_heads = j["n_head"].as_int();
+      c.num_kv_heads = c.num_heads;
+      c.head_dim = c.hidden_size / c.num_heads;
+      c.intermediate_size = 4 * c.hidden_size;
+      c.norm_eps = j.get_double("layer_norm_epsilon", 1e-5);
+      c.tie_word_embeddings = true;  // BloomForCausalLM always ties lm_head to the embeddings
+      c.apply_residual_connection_post_layernorm =
+          j.get_bool("apply_residual_connection_post_layernorm", false);
+      c.max_position_embeddings = j.get_int("seq_length", 2048);
+    } else {
+      c.hidden_size = j["hidden_size"].as_int();
+      c.num_layers = j["num_hidden_layers"].as_int();
+      c.num_heads = j["num_attention_heads"].as_int();
+      c.num_kv_heads = j.get_int("num_key_value_heads", c.num_heads);
+      c.head_dim = j.get_int("head_dim", c.hidden_size / c.num_heads);
+      c.intermediate_size = j["intermediate_size"].as_int();
+      c.norm_eps = j.get_double("rms_norm_eps", 1e-6);
+      c.max_position_embeddings = j.get_int("max_position_embeddings", 2048);
+      const std::string act = j.get_string("hidden_act", "silu");
+      TORCH_CHECK(act == "silu", "hidden_act '", act, "' is not supported (expected silu)");
+      c.rope_theta = j.get_double("rope_theta", 10000.0);
+      if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
+        // transformers >= 5: {"rope_type": ..., "rope_theta": ..., "factor": ...}
+        const auto& rp = j["rope_parameters"];
+        c.rope_theta = rp.get_double("rope_theta", c.rope_theta);
+        read_rope(rp, c);
+      } else if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
+        read_rope(j["rope_scaling"], c);
+      }
+      const std::string& rt = c.rope_scaling.type;
+      TORCH_CHECK(rt == "default" || rt == "linear" || rt == "llama3", "RoPE scaling type '", rt,
+                  "' is not supported (supported: default, linear, llama3)");
+      if (model_type == "qwen2") {
+        c.qkv_bias = true;
+        c.tie_word_embeddings = j.get_bool("tie_word_embeddings", false);
+        TORCH_CHECK(!j.get_bool("use_sliding_window", false),
+                    "use_sliding_window=true is not supported");
+      } else {
+        c.qkv_bias = c.o_bias = j.get_bool("attention_bias", false);
+        c.mlp_bias = j.get_bool("mlp_bias", false);
+        c.tie_word_embeddings = j.get_bool("tie_word_embeddings", false);
+      }
+    }
+    c.bos_token_id = j.get_int("bos_token_id", -1);
+    c.pad_token_id = j.get_int("pad_token_id", -1);
+    if (j.contains("eos_token_id")) c.eos_token_ids = int_or_list(j["eos_token_id"]);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "model config '", source, "': ", e.msg());
+  }
+  try {
+    c.validate();
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "model config '", source, "': ", e.msg());
+  }
+  return c;
+}
+
+ModelConfig ModelConfig::from_hf_folder(const std::string& dir) {
+  namespace fs = std::filesystem;
+  const fs::path cfg = fs::path(dir) / "config.json";
+  TORCH_CHECK(fs::exists(cfg), "model folder '", dir, "': no config.json");
+  ModelConfig c = from_hf_json(json::parse_file(cfg.string()), cfg.string());
+  const fs::path gen = fs::path(dir) / "generation_config.json";
+  if (fs::exists(gen)) {
+    const json::Value g = json::parse_file(gen.string());
+    if (g.is_object() && g.contains("eos_token_id")) {
+      for (int64_t id : int_or_list(g["eos_token_id"]))
+        if (std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), id) == c.eos_token_ids.end())
+          c.eos_token_ids.push_back(id);
+    }
+  }
+  return c;
+}
+
+ModelConfig ModelConfig::from_gguf(const GgufFile& f) {
+  ModelConfig c;
+  const std::string arch = f.get_string("general.architecture");
+  TORCH_CHECK(arch == "llama" || arch == "qwen2" || arch == "bloom", "GGUF file '", f.path(),
+              "': unsupported architecture '", arch, "' (supported: llama, qwen2, bloom)");
+  c.architecture = arch;
+  const std::string p = arch + ".";
+  c.hidden_size = f.get_int(p + "embedding_length");
+  c.num_layers = f.get_int(p + "block_count");
+  c.num_heads = f.get_int(p + "attention.head_count");
+  c.num_kv_heads = f.get_int_or(p + "attention.head_count_kv", c.num_heads);
+  c.intermediate_size = f.get_int_or(p + "feed_forward_length", 4 * c.hidden_size);
+  c.max_position_embeddings = f.get_int_or(p + "context_length", 2048);
+  c.head_dim = f.get_int_or(p + "attention.key_length", c.hidden_size / c.num_heads);
+  if (f.has(p + "vocab_size")) {
+    c.vocab_size = f.get_int(p + "vocab_size");
+  } else if (f.has("tokenizer.ggml.tokens")) {
+    c.vocab_size = static_cast<int64_t>(f.value("tokenizer.ggml.tokens").elems.size());
+  } else {
+    c.vocab_size = f.tensor_info("token_embd.weight").shape[0];
+  }
+  if (arch == "bloom") {
+    c.norm_eps = f.get_float_or(p + "attention.layer_norm_epsilon", 1e-5);
+    c.tie_word_embeddings = true;
+  } else {
+    c.norm_eps = f.get_float_or(p + "attention.layer_norm_rms_epsilon", 1e-6);
+    c.rope_theta = f.get_float_or(p + "rope.freq_base", 10000.0);
+    const std::string scaling = f.get_string_or(p + "rope.scaling.type", "none");
+    if (scaling == "linear") {
+      c.rope_scaling.type = "linear";
+      c.rope_scaling.factor = f.get_float(p + "rope.scaling.factor");
+    } else {
+      TORCH_CHECK(scaling == "none", "GGUF file '", f.path(), "': rope.scaling.type '", scaling,
+                  "' is not supported (supported: none, linear; llama3 comes as rope_freqs.weight)");
+    }
+    if (f.has_tensor("rope_freqs.weight")) {
+      auto rf = f.tensor("rope_freqs.weight").to(torch::kFloat64).contiguous();
+      c.rope_freq_factors.assign(rf.data_ptr<double>(), rf.data_ptr<double>() + rf.numel());
+    }
+    c.tie_word_embeddings = !f.has_tensor("output.weight");
+    c.qkv_bias = f.has_tensor("blk.0.attn_q.bias");
+    c.o_bias = f.has_tensor("blk.0.attn_output.bias");
+    c.mlp_bias = f.has_tensor("blk.0.ffn_up.bias");
+  }
+  c.bos_token_id = f.get_int_or("tokenizer.ggml.bos_token_id", -1);
+  c.pad_token_id = f.get_int_or("tokenizer.ggml.padding_token_id", -1);
+  if (f.has("tokenizer.ggml.eos_token_id")) c.eos_token_ids.push_back(f.get_int("tokenizer.ggml.eos_token_id"));
+  if (f.has("tokenizer.ggml.eot_token_id")) {
+    const int64_t eot = f.get_int("tokenizer.ggml.eot_token_id");
+    if (std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), eot) == c.eos_token_ids.end())
+      c.eos_token_ids.push_back(eot);
+  }
+  try {
+    c.validate();
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "GGUF file '", f.path(), "': ", e.msg());
+  }
+  return c;
+}
+
+void ModelConfig::validate() const {
+  auto positive = [](const char* name, int64_t v) {
+    TORCH_CHECK(v > 0, "config: ", name, " must be positive, got ", v);
+  };
+  positive("vocab_size", vocab_size);
+  positive("hidden_size", hidden_size);
+  positive("num_layers", num_layers);
+  positive("num_heads", num_heads);
+  positive("num_kv_heads", num_kv_heads);
+  positive("head_dim", head_dim);
+  positive("intermediate_size", intermediate_size);
+  TORCH_CHECK(num_heads % num_kv_heads == 0, "config: num_heads ", num_heads,
+              " must be a multiple of num_kv_heads ", num_kv_heads);
+  TORCH_CHECK(head_dim % 2 == 0, "config: head_dim must be even for RoPE, got ", head_dim);
+  if (architecture == "bloom")
+    TORCH_CHECK(num_heads * head_dim == hidden_size, "config: bloom needs n_head * head_dim == hidden_size");
+  if (!rope_freq_factors.empty())
+    TORCH_CHECK(static_cast<int64_t>(rope_freq_factors.size()) == head_dim / 2,
+                "config: rope_freqs has ", rope_freq_factors.size(), " entries, expected head_dim/2 = ",
+                head_dim / 2);
+}
+
+std::string ModelConfig::summary() const {
+  std::ostringstream s;
+  s << architecture << ": " << num_layers << " layers, hidden " << hidden_size << ", heads "
+    << num_heads << "/" << num_kv_heads << " x " << head_dim << ", ffn " << intermediate_size
+    << ", vocab " << vocab_size;
+  if (architecture != "bloom") {
+    s << ", rope theta " << rope_theta;
+    if (rope_scaling.type != "default") s << " (" << rope_scaling.type << " x" << rope_scaling.factor << ")";
+    if (!rope_freq_factors.empty()) s << " (rope_freqs)";
+  }
+  s << ", eps " << norm_eps << (tie_word_embeddings ? ", tied" : ", untied") << " embeddings";
+  if (qkv_bias) s << ", qkv bias";
+  return s.str();
+}
+
+}  // namespace slowed_examples

@@ -4,16 +4,32 @@
 // optimizer. It derives from Base and overrides only step, save and load, so param groups, LR
 // schedulers, zero_grad and torch::save/torch::load work as with Base itself.
 //
-// Reference path (every device): before Base::step it copies the parameters that the step will
-// move (only when the scale differs from 1 or the step bound is on), lets Base step, then
-// rewrites each parameter as theta_prev + transformed delta (see SlowTuningOptions). The drift
-// bound then projects onto the ball around theta_0. All of it runs as tensor ops on the
-// parameters' device, with no host synchronization.
+// Three paths compute the same step (docs/design.md, "Fused optimizer paths"; tolerances in
+// docs/numerics.md, "Optimizer"):
+//  - reference (every device and dtype; `use_reference(true)` forces it): before Base::step it
+//    copies the parameters that the step will move (only when the scale differs from 1 or the
+//    step bound is on), lets Base step, then rewrites each parameter as theta_prev + transformed
+//    delta with ATen ops, tensor by tensor; the drift bound then projects onto the ball around
+//    theta_0. No host synchronization.
+//  - generic (any Base; fp32/bf16 CPU tensors, fp32/bf16/fp16 CUDA tensors): the same snapshot
+//    and Base::step, then one multi-tensor pass for the norms (only with a bound) and one for
+//    the rewrite and the projection (slowed/cpu/slow_tuning_cpu.h, slowed/cuda/slow_tuning_cuda.h).
+//  - Adam (Base = torch::optim::AdamW or Adam, no closure): no snapshot and no Base::step; the
+//    wrapper computes the Adam update itself and applies the scale, the bounds and the
+//    projection in the same kernels, one pass in step-scale mode (on CPU: ATen's
+//    at::_fused_adamw_ / at::_fused_adam_ with lr * s), two with a bound. The state lives in
+//    Base's own AdamWParamState / AdamParamState objects, so checkpoints are Base's.
+// A step with scale 1 and no bound is Base::step itself on every path (bitwise).
+// CUDA kernels are used only with SLOWED_CUDA_KERNELS=1 until they have run on a GPU.
 
+#include <slowed/cpu/slow_tuning_cpu.h>
+#include <slowed/cuda/slow_tuning_cuda.h>
 #include <slowed/detail/check.h>
 #include <slowed/optim/slow_tuning_options.h>
 #include <slowed/optim/slow_tuning_stats.h>
 
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
 #include <torch/optim/optimizer.h>
 #include <torch/serialize/archive.h>
 
@@ -22,6 +38,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
@@ -47,6 +64,75 @@ inline at::Tensor bound_factor(const at::Tensor& norm, const at::Tensor& radius)
   at::Tensor active = (radius > 0) & (norm > radius);
   return at::where(active, radius / norm.clamp_min(std::numeric_limits<float>::min()),
                    at::ones({}, norm.options()));
+}
+
+/// The Base types the Adam path serves (exactly these types: a subclass takes the generic path).
+template <class Base>
+struct AdamTraits {
+  static constexpr bool value = false;
+};
+template <>
+struct AdamTraits<torch::optim::AdamW> {
+  static constexpr bool value = true;
+  static constexpr bool decoupled = true;  // weight decay applied to theta, scaled by lr
+  static constexpr const char* name = "AdamW";
+  using Options = torch::optim::AdamWOptions;
+  using State = torch::optim::AdamWParamState;
+};
+template <>
+struct AdamTraits<torch::optim::Adam> {
+  static constexpr bool value = true;
+  static constexpr bool decoupled = false;  // L2: weight_decay * theta added to the gradient
+  static constexpr const char* name = "Adam";
+  using Options = torch::optim::AdamOptions;
+  using State = torch::optim::AdamParamState;
+};
+
+/// Which fused kernels can transform a parameter.
+enum class FusedKind { None, Cpu, Cuda };
+
+/// The CUDA kernels are used when requested (SLOWED_CUDA_KERNELS=1) and the run-time compiler
+/// works; otherwise one warning per process and the reference path.
+inline bool cuda_kernels_usable() {
+  if (!cuda::fused_kernels_requested()) return false;
+  if (cuda::cuda_jit_available()) return true;
+  cuda::warn_once_fallback("SlowTuningOptimizer");
+  return false;
+}
+
+/// Dense contiguous fp32/bf16 CPU tensors take the CPU kernels; fp32/bf16/fp16 CUDA tensors the
+/// CUDA kernels (when usable); everything else the reference path.
+inline FusedKind fused_kind(const at::Tensor& t) {
+  if (!t.defined() || t.layout() != at::kStrided || !t.is_contiguous() || t.is_inference()) {
+    return FusedKind::None;
+  }
+  const auto dt = t.scalar_type();
+  if (t.is_cpu()) {
+    return dt == at::kFloat || dt == at::kBFloat16 ? FusedKind::Cpu : FusedKind::None;
+  }
+  if (t.is_cuda() && (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf) &&
+      cuda_kernels_usable()) {
+    return FusedKind::Cuda;
+  }
+  return FusedKind::None;
+}
+
+/// True when `t` is a dense contiguous tensor with the dtype, device and shape of `like`.
+inline bool same_layout(const at::Tensor& t, const at::Tensor& like) {
+  return t.defined() && t.layout() == at::kStrided && t.scalar_type() == like.scalar_type() &&
+         t.device() == like.device() && t.sizes().equals(like.sizes()) && t.is_contiguous();
+}
+
+inline cpu::SlowStorage cpu_storage(at::ScalarType t) {
+  return t == at::kBFloat16 ? cpu::SlowStorage::BFloat16 : cpu::SlowStorage::Float32;
+}
+
+inline void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+/// Marks an in-place write made through a raw pointer, as ATen's in-place ops do, so that
+/// autograd detects a parameter modified after it was saved for a backward.
+inline void bump_version(const at::Tensor& t) {
+  if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace detail
@@ -84,25 +170,21 @@ class SlowTuningOptimizer : public Base {
     keep_initial_weights();
   }
 
-  /// Base's step, with its weight change scaled and bounded per SlowTuningOptions.
+  /// Base's step, with its weight change scaled and bounded per SlowTuningOptions. The path
+  /// (reference, generic kernels, or the Adam path for AdamW/Adam) is chosen per step from the
+  /// options and the tensors; see the top of this file.
   at::Tensor step(LossClosure closure = nullptr) override {
     const double s = slow_.scale_at(step_count_);
     keep_initial_weights();  // parameters added with add_param_group since the last step
-    const bool rewrite = s != 1.0 || slow_.max_relative_step().has_value();
-    std::vector<std::pair<at::Tensor, at::Tensor>> moved;  // (parameter, its value before)
-    if (rewrite) {
-      at::NoGradGuard no_grad;
-      for (const auto& p : parameters()) {
-        if (!closure && !p.grad().defined()) continue;  // Base will not touch it
-        moved.emplace_back(p, p.detach().clone());
-      }
+    at::Tensor loss;
+    bool stepped = false;
+    if constexpr (detail::AdamTraits<Base>::value) {
+      if (!closure && !slow_.use_reference()) stepped = adam_step(s);
     }
-    const bool closure_given = static_cast<bool>(closure);
-    at::Tensor loss = Base::step(std::move(closure));
-    {
-      at::NoGradGuard no_grad;
-      for (auto& [p, prev] : moved) rewrite_step(p, prev, s);
-      if (slow_.max_relative_drift()) project_onto_drift_ball(closure_given);
+    if (stepped) {
+      last_path_ = SlowTuningPath::Adam;
+    } else {
+      loss = generic_step(std::move(closure), s);
     }
     last_scale_ = s;
     ++step_count_;
@@ -174,7 +256,7 @@ class SlowTuningOptimizer : public Base {
                     i, " have shape ", detail::shape_string(t0.sizes()), ", expected ",
                     detail::shape_string(params[i].sizes()));
         initial[params[i].unsafeGetTensorImpl()] =
-            t0.to(params[i].device(), params[i].scalar_type());
+            t0.to(params[i].device(), params[i].scalar_type()).contiguous();
       }
     }
     Base::load(archive);
@@ -229,6 +311,8 @@ class SlowTuningOptimizer : public Base {
   /// takes the weights at the next step as the initial weights.
   SlowTuningOptions& slow_options() { return slow_; }
   int64_t slow_step_count() const { return step_count_; }
+  /// The path that served the last step (SlowTuningPath::None before the first).
+  SlowTuningPath last_step_path() const { return last_path_; }
 
   /// The initial weights of `param` (undefined when not kept).
   at::Tensor initial_weights(const at::Tensor& param) const {
@@ -272,30 +356,315 @@ class SlowTuningOptimizer : public Base {
   }
 
   // theta <- theta - (1 - f) * (theta - theta_0), f = min(1, radius / ||theta - theta_0||):
-  // the projection onto the drift ball, a bitwise no-op for tensors inside it. Only tensors
-  // Base may have moved (with a gradient, or all under a closure) are projected: the others
-  // were projected when they last moved.
-  void project_onto_drift_ball(bool closure_given) {
+  // the projection onto the drift ball, a bitwise no-op for tensors inside it.
+  void project_onto_drift_ball(const at::Tensor& param) {
     const double r = *slow_.max_relative_drift();
-    for (const auto& param : parameters()) {
-      if (!closure_given && !param.grad().defined()) continue;
-      auto it = initial_.find(param.unsafeGetTensorImpl());
-      if (it == initial_.end()) continue;
-      at::Tensor p = param.detach();
-      at::Tensor t0 = detail::working(it->second);
-      auto& n0 = initial_norm_[param.unsafeGetTensorImpl()];
-      if (!n0.defined()) n0 = detail::l2_norm(t0);
-      at::Tensor now = detail::working(p);
-      at::Tensor d = now - t0;
-      at::Tensor radius = n0.clamp_min(slow_.norm_floor()) * r;
-      at::Tensor f = detail::bound_factor(detail::l2_norm(d), radius).to(d.scalar_type());
-      p.copy_(now.sub_(d.mul_(1.0 - f)));
+    auto it = initial_.find(param.unsafeGetTensorImpl());
+    if (it == initial_.end()) return;
+    at::Tensor p = param.detach();
+    at::Tensor t0 = detail::working(it->second);
+    auto& n0 = initial_norm_[param.unsafeGetTensorImpl()];
+    if (!n0.defined()) n0 = detail::l2_norm(t0);
+    at::Tensor now = detail::working(p);
+    at::Tensor d = now - t0;
+    at::Tensor radius = n0.clamp_min(slow_.norm_floor()) * r;
+    at::Tensor f = detail::bound_factor(detail::l2_norm(d), radius).to(d.scalar_type());
+    p.copy_(now.sub_(d.mul_(1.0 - f)));
+  }
+
+  cpu::SlowBounds cpu_bounds(double s) const {
+    cpu::SlowBounds b;
+    b.scale = s;
+    b.max_step = slow_.max_relative_step().value_or(0.0);
+    b.max_drift = slow_.max_relative_drift().value_or(0.0);
+    b.norm_floor = slow_.norm_floor();
+    return b;
+  }
+
+  cuda::SlowTuningLaunchBounds cuda_bounds(double s) const {
+    const cpu::SlowBounds c = cpu_bounds(s);
+    cuda::SlowTuningLaunchBounds b;
+    b.scale = c.scale;
+    b.max_step = c.max_step;
+    b.max_drift = c.max_drift;
+    b.norm_floor = c.norm_floor;
+    return b;
+  }
+
+  /// theta_0 of `p` when the drift bound needs it and the kernels can read it; else undefined.
+  at::Tensor kernel_initial(const at::Tensor& p) const {
+    if (!slow_.max_relative_drift()) return at::Tensor();
+    auto it = initial_.find(p.unsafeGetTensorImpl());
+    return it != initial_.end() && detail::same_layout(it->second, p) ? it->second : at::Tensor();
+  }
+
+  // Reference and generic paths: snapshot (when rewriting), Base::step, then the transform. The
+  // tensors Base may move (with a gradient, or all under a closure) are split per tensor among
+  // the reference ops, the CPU kernels and the CUDA kernels.
+  at::Tensor generic_step(LossClosure closure, double s) {
+    const bool rewrite = s != 1.0 || slow_.max_relative_step().has_value();
+    const bool drift = slow_.max_relative_drift().has_value();
+    if (!rewrite && !drift) {
+      last_path_ = SlowTuningPath::Base;
+      return Base::step(std::move(closure));  // Base's step, bitwise
     }
+    const bool closure_given = static_cast<bool>(closure);
+    const bool bounded = slow_.max_relative_step().has_value() || drift;
+
+    std::vector<at::Tensor> ref, on_cpu;
+    std::map<c10::DeviceIndex, std::vector<at::Tensor>> on_cuda;
+    for (const auto& p : parameters()) {
+      if (!closure_given && !p.grad().defined()) continue;  // Base will not touch it
+      detail::FusedKind kind = slow_.use_reference() ? detail::FusedKind::None
+                                                     : detail::fused_kind(p);
+      if (drift && kind != detail::FusedKind::None) {
+        auto it = initial_.find(p.unsafeGetTensorImpl());
+        if (it != initial_.end() && !detail::same_layout(it->second, p)) {
+          kind = detail::FusedKind::None;
+        }
+      }
+      if (kind == detail::FusedKind::Cpu) on_cpu.push_back(p);
+      else if (kind == detail::FusedKind::Cuda) on_cuda[p.device().index()].push_back(p);
+      else ref.push_back(p);
+    }
+
+    // Snapshots theta_prev.
+    std::vector<at::Tensor> ref_prev, cpu_prev;
+    std::map<c10::DeviceIndex, std::vector<cuda::SlowTuningTensor>> cuda_ts;
+    {
+      at::NoGradGuard no_grad;
+      for (auto& [index, ps] : on_cuda) {
+        auto& ts = cuda_ts[index];
+        for (const auto& p : ps) {
+          cuda::SlowTuningTensor t;
+          t.param = p.detach();
+          t.initial = kernel_initial(p);
+          ts.push_back(std::move(t));
+        }
+      }
+      if (rewrite) {
+        for (const auto& p : ref) ref_prev.push_back(p.detach().clone());
+        for (const auto& p : on_cpu) cpu_prev.push_back(p.detach().clone());  // a memcpy
+        for (auto& [index, ts] : cuda_ts) {
+          // One buffer per dtype, filled by the multi-tensor snapshot kernel.
+          std::map<at::ScalarType, int64_t> total;
+          for (const auto& t : ts) total[t.param.scalar_type()] += t.param.numel();
+          std::map<at::ScalarType, std::pair<at::Tensor, int64_t>> buffers;
+          for (const auto& [dtype, n] : total) {
+            buffers[dtype] = {at::empty({n}, ts.front().param.options().dtype(dtype)), 0};
+          }
+          for (auto& t : ts) {
+            auto& [buffer, offset] = buffers[t.param.scalar_type()];
+            const int64_t n = t.param.numel();
+            t.aux = buffer.narrow(0, offset, n).view(t.param.sizes());
+            offset += n;
+          }
+          cuda::slow_tuning_snapshot(ts);
+        }
+      }
+    }
+
+    last_path_ = on_cpu.empty() && on_cuda.empty() ? SlowTuningPath::Reference
+                                                   : SlowTuningPath::Generic;
+    at::Tensor loss = Base::step(std::move(closure));
+
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      if (rewrite) rewrite_step(ref[i], ref_prev[i], s);
+      if (drift) project_onto_drift_ball(ref[i]);
+    }
+    if (!on_cpu.empty()) {
+      std::vector<cpu::SlowTensor> ts(on_cpu.size());
+      for (size_t i = 0; i < on_cpu.size(); ++i) {
+        ts[i].param = on_cpu[i].data_ptr();
+        ts[i].prev = rewrite ? cpu_prev[i].data_ptr() : nullptr;
+        ts[i].initial = detail::data_or_null(kernel_initial(on_cpu[i]));
+        ts[i].numel = on_cpu[i].numel();
+        ts[i].storage = detail::cpu_storage(on_cpu[i].scalar_type());
+      }
+      const cpu::SlowBounds b = cpu_bounds(s);
+      std::vector<cpu::SlowFactors> f(ts.size());
+      if (bounded) {
+        const auto sums = cpu::generic_sums(ts);
+        for (size_t i = 0; i < ts.size(); ++i) {
+          f[i] = cpu::slow_factors(sums[i], b, ts[i].initial != nullptr);
+        }
+      } else {
+        for (auto& fi : f) fi.a = s;
+      }
+      cpu::generic_apply(ts, f);
+      for (const auto& p : on_cpu) detail::bump_version(p);
+    }
+    for (auto& [index, ts] : cuda_ts) {
+      cuda::slow_tuning_generic_step(ts, cuda_bounds(s));
+      for (const auto& t : ts) detail::bump_version(t.param);
+    }
+    return loss;
+  }
+
+  // The Adam path for Base = AdamW or Adam (no closure): the wrapper computes the Adam update
+  // itself, in Base's state objects, and applies the scale, the bounds and the projection in the
+  // same passes. Returns false, having touched nothing, when it does not serve this step: scale 1
+  // without a bound (Base::step is then the step, bitwise), or tensors it does not take (another
+  // dtype, non-contiguous, mixed devices or kinds, a gradient or state of another dtype or
+  // layout). A sparse gradient is an error, as in Base, raised before anything changes.
+  template <class B = Base>  // a template, so that only AdamW and Adam instantiate it
+  bool adam_step(double s) {
+    using Traits = detail::AdamTraits<B>;
+    using Options = typename Traits::Options;
+    using State = typename Traits::State;
+    const bool drift = slow_.max_relative_drift().has_value();
+    const bool bounded = slow_.max_relative_step().has_value() || drift;
+    if (s == 1.0 && !bounded) return false;
+
+    struct Item {
+      at::Tensor p;
+      Options* opt;
+      State* state;
+      at::Tensor initial;
+    };
+    std::vector<Item> items;
+    detail::FusedKind kind = detail::FusedKind::None;
+    c10::optional<c10::Device> device;
+    bool ok = true;
+    for (auto& group : this->param_groups()) {
+      auto& opt = static_cast<Options&>(group.options());
+      for (auto& p : group.params()) {
+        const at::Tensor& g = p.grad();
+        if (!g.defined()) continue;
+        TORCH_CHECK(!g.is_sparse(), Traits::name, " does not support sparse gradients");
+        if (!ok) continue;  // keep looking for sparse gradients only
+        const detail::FusedKind k = detail::fused_kind(p);
+        ok = k != detail::FusedKind::None && (items.empty() || (k == kind && *device == p.device()));
+        ok = ok && detail::same_layout(g, p);
+        kind = k;
+        device = p.device();
+        Item item{p, &opt, nullptr, kernel_initial(p)};
+        auto st = this->state().find(p.unsafeGetTensorImpl());
+        if (st != this->state().end()) {
+          item.state = static_cast<State*>(st->second.get());
+          ok = ok && detail::same_layout(item.state->exp_avg(), p) &&
+               detail::same_layout(item.state->exp_avg_sq(), p) &&
+               (!opt.amsgrad() || detail::same_layout(item.state->max_exp_avg_sq(), p));
+        }
+        if (drift && !item.initial.defined() && initial_.count(p.unsafeGetTensorImpl())) {
+          ok = false;  // theta_0 of another layout: the reference path projects it
+        }
+        items.push_back(std::move(item));
+      }
+    }
+    if (!ok) return false;
+
+    at::NoGradGuard no_grad;
+    std::vector<cpu::AdamScalars> hyper(items.size());
+    for (size_t i = 0; i < items.size(); ++i) {
+      Item& it = items[i];
+      if (it.state == nullptr) {  // as Base initializes it
+        auto st = std::make_unique<State>();
+        st->step(0);
+        st->exp_avg(torch::zeros_like(it.p, at::MemoryFormat::Preserve));
+        st->exp_avg_sq(torch::zeros_like(it.p, at::MemoryFormat::Preserve));
+        if (it.opt->amsgrad()) st->max_exp_avg_sq(torch::zeros_like(it.p, at::MemoryFormat::Preserve));
+        it.state = st.get();
+        this->state()[it.p.unsafeGetTensorImpl()] = std::move(st);
+      }
+      it.state->step(it.state->step() + 1);
+      const double lr = it.opt->lr(), wd = it.opt->weight_decay();
+      const double beta1 = std::get<0>(it.opt->betas()), beta2 = std::get<1>(it.opt->betas());
+      const double bc1 = 1.0 - std::pow(beta1, it.state->step());
+      const double bc2 = 1.0 - std::pow(beta2, it.state->step());
+      cpu::AdamScalars& h = hyper[i];
+      h.beta1 = static_cast<float>(beta1);
+      h.beta2 = static_cast<float>(beta2);
+      h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+      h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+      h.eps = static_cast<float>(it.opt->eps());
+      h.step_size = static_cast<float>(lr / bc1);
+      h.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+      h.weight_decay = static_cast<float>(Traits::decoupled ? lr * wd : wd);
+      h.decoupled = Traits::decoupled;
+      h.amsgrad = it.opt->amsgrad();
+    }
+
+    if (kind == detail::FusedKind::Cpu && !bounded) {
+      // Step-scale mode on CPU: under Adam and AdamW scaling the step by s is scaling the
+      // learning rate by s, so ATen's fused CPU kernel with lr * s is the whole step (one pass,
+      // no extra memory). One call per param group (hyper-parameters are per group).
+      size_t i = 0;
+      while (i < items.size()) {
+        Options* opt = items[i].opt;
+        std::vector<at::Tensor> ps, gs, ms, vs, vmax, steps;
+        for (; i < items.size() && items[i].opt == opt; ++i) {
+          ps.push_back(items[i].p);
+          gs.push_back(items[i].p.grad());
+          ms.push_back(items[i].state->exp_avg());
+          vs.push_back(items[i].state->exp_avg_sq());
+          if (opt->amsgrad()) vmax.push_back(items[i].state->max_exp_avg_sq());
+          steps.push_back(at::scalar_tensor(static_cast<double>(items[i].state->step()),
+                                            at::TensorOptions().dtype(at::kFloat)));
+        }
+        const double lr = opt->lr() * s;
+        const double beta1 = std::get<0>(opt->betas()), beta2 = std::get<1>(opt->betas());
+        if (Traits::decoupled) {
+          at::_fused_adamw_(ps, gs, ms, vs, vmax, steps, lr, beta1, beta2, opt->weight_decay(),
+                            opt->eps(), opt->amsgrad(), /*maximize=*/false);
+        } else {
+          at::_fused_adam_(ps, gs, ms, vs, vmax, steps, lr, beta1, beta2, opt->weight_decay(),
+                           opt->eps(), opt->amsgrad(), /*maximize=*/false);
+        }
+      }
+    } else if (kind == detail::FusedKind::Cpu) {
+      std::vector<cpu::SlowTensor> ts(items.size());
+      for (size_t i = 0; i < items.size(); ++i) {
+        const Item& it = items[i];
+        ts[i].param = it.p.data_ptr();
+        ts[i].grad = it.p.grad().data_ptr();
+        ts[i].exp_avg = it.state->exp_avg().data_ptr();
+        ts[i].exp_avg_sq = it.state->exp_avg_sq().data_ptr();
+        ts[i].max_exp_avg_sq = hyper[i].amsgrad ? it.state->max_exp_avg_sq().data_ptr() : nullptr;
+        ts[i].initial = detail::data_or_null(it.initial);
+        ts[i].numel = it.p.numel();
+        ts[i].storage = detail::cpu_storage(it.p.scalar_type());
+        ts[i].adam = hyper[i];
+      }
+      const auto sums = cpu::adam_sums(ts);
+      const cpu::SlowBounds b = cpu_bounds(s);
+      std::vector<cpu::SlowFactors> f(ts.size());
+      for (size_t i = 0; i < ts.size(); ++i) {
+        f[i] = cpu::slow_factors(sums[i], b, ts[i].initial != nullptr);
+      }
+      cpu::adam_apply(ts, f);
+    } else {
+      std::vector<cuda::SlowTuningTensor> ts(items.size());
+      for (size_t i = 0; i < items.size(); ++i) {
+        const Item& it = items[i];
+        const cpu::AdamScalars& h = hyper[i];
+        ts[i].param = it.p.detach();
+        ts[i].aux = it.p.grad();
+        ts[i].exp_avg = it.state->exp_avg();
+        ts[i].exp_avg_sq = it.state->exp_avg_sq();
+        if (h.amsgrad) ts[i].max_exp_avg_sq = it.state->max_exp_avg_sq();
+        ts[i].initial = it.initial;
+        const float values[8] = {h.beta1, h.beta2, h.one_minus_beta1, h.one_minus_beta2,
+                                 h.eps,   h.step_size, h.bc2_sqrt, h.weight_decay};
+        std::copy(values, values + 8, ts[i].hyper);
+        ts[i].amsgrad = h.amsgrad;
+      }
+      cuda::slow_tuning_adam_step(ts, cuda_bounds(s), Traits::decoupled);
+    }
+    for (const Item& it : items) {
+      detail::bump_version(it.p);
+      detail::bump_version(it.state->exp_avg());
+      detail::bump_version(it.state->exp_avg_sq());
+      if (it.opt->amsgrad()) detail::bump_version(it.state->max_exp_avg_sq());
+    }
+    return true;
   }
 
   SlowTuningOptions slow_;
   int64_t step_count_ = 0;
   double last_scale_ = 1.0;
+  SlowTuningPath last_path_ = SlowTuningPath::None;
   std::unordered_map<c10::TensorImpl*, at::Tensor> initial_;       // theta_0 per parameter
   std::unordered_map<c10::TensorImpl*, at::Tensor> initial_norm_;  // ||theta_0||, lazily
 };

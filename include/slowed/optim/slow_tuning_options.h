@@ -103,6 +103,16 @@ class SlowTuningOptions {
   }
   bool track_drift() const { return track_drift_; }
 
+  /// Run the plain-ATen reference path even where a fused path exists (testing, debugging, or
+  /// to rule the kernels out). Default false: AdamW and Adam take the fused Adam path and other
+  /// optimizers the multi-tensor kernels wherever the tensors allow (docs/design.md, "Fused
+  /// optimizer paths"). Changing it between steps is allowed; the state is the same either way.
+  SlowTuningOptions& use_reference(bool enabled) {
+    use_reference_ = enabled;
+    return *this;
+  }
+  bool use_reference() const { return use_reference_; }
+
   /// True when the initial weights are kept (drift tracking or the drift bound).
   bool keeps_initial_weights() const { return track_drift_ || max_relative_drift_.has_value(); }
 
@@ -131,6 +141,7 @@ class SlowTuningOptions {
   double final_scale_ = 1.0;
   std::function<double(int64_t)> scale_schedule_;
   bool track_drift_ = true;
+  bool use_reference_ = false;
 };
 
 }  // namespace slowed

@@ -7,6 +7,27 @@
 
 namespace slowed {
 
+/// Which implementation served a step of SlowTuningOptimizer (docs/design.md, "Fused optimizer
+/// paths"); `SlowTuningOptimizer::last_step_path()` reports it, for tests and benchmarks.
+enum class SlowTuningPath {
+  None,       ///< no step taken yet
+  Base,       ///< Base::step alone (scale 1 and no bound): Base's own arithmetic, bitwise
+  Reference,  ///< Base::step, then ATen ops tensor by tensor (the reference path)
+  Generic,    ///< Base::step, then the multi-tensor kernels (tensors they do not take: reference)
+  Adam,       ///< the fused Adam path (AdamW, Adam): no snapshot, no Base::step
+};
+
+inline const char* path_name(SlowTuningPath p) {
+  switch (p) {
+    case SlowTuningPath::None: return "none";
+    case SlowTuningPath::Base: return "base";
+    case SlowTuningPath::Reference: return "reference";
+    case SlowTuningPath::Generic: return "generic";
+    case SlowTuningPath::Adam: return "adam";
+  }
+  return "?";
+}
+
 /// What `SlowTuningOptimizer::stats()` reports. Drift fields are NaN when the initial weights
 /// are not kept (`track_drift(false)` without a drift bound).
 struct SlowTuningStats {

@@ -10,6 +10,7 @@
 
 #include <slowed/cuda/kernel_source.h>
 #include <slowed/cuda/kernels/entropy_masked_ce_kernels.h>
+#include <slowed/cuda/kernels/slow_tuning_kernels.h>
 #include <slowed/cuda/kernels/smoke_kernels.h>
 
 #include <vector>
@@ -30,6 +31,9 @@ inline const std::vector<const KernelSource*>& all_kernel_sources() {
       &kernels::entropy_masked_ce_source(0),  // float
       &kernels::entropy_masked_ce_source(1),  // bfloat16
       &kernels::entropy_masked_ce_source(2),  // float16
+      &kernels::slow_tuning_source(0),  // float
+      &kernels::slow_tuning_source(1),  // bfloat16
+      &kernels::slow_tuning_source(2),  // float16
   };
   return sources;
 }

@@ -1,0 +1,491 @@
+#pragma once
+
+// Fused CPU kernels of SlowTuningOptimizer (slowed/optim/slow_tuning_optimizer.h): multi-tensor
+// passes over one list of chunks of all parameters, at::parallel_for over the chunks.
+//
+// What is fused and why. The reference path transforms each tensor with about six ATen ops (a
+// difference, two norms, a multiplication, a subtraction, a copy), each a pass over memory with
+// its own temporary. Here:
+//  - generic path (any Base): after Base::step, pass 1 reads theta, the snapshot theta_prev and
+//    theta_0 once and returns five sums per tensor; pass 2 reads them again and writes theta
+//    once. Without a bound there is no pass 1.
+//  - Adam path (AdamW, Adam): no snapshot and no Base::step. Pass 1 computes the Adam update u of
+//    every element without writing anything and returns the sums; pass 2 recomputes u (the same
+//    code on the same values) and writes theta, exp_avg, exp_avg_sq (and max_exp_avg_sq).
+// The drift bound needs ||theta_prev + a u - theta_0|| for the step factor a that pass 1 only
+// just determined, so pass 1 returns the sums below and the norm follows from the expansion
+// ||d + a u||^2 = ||d||^2 + 2a <d, u> + a^2 ||u||^2, d = theta_prev - theta_0 (slow_factors).
+//
+// Element arithmetic is fp32 for fp32 and bf16 storage, one rounding per stored bf16 value. Sums
+// are accumulated in fp64 per chunk, then over the chunks of a tensor in chunk order, so results
+// do not depend on the number of threads. Like slowed/cpu/entropy_masked_cross_entropy_cpu.h,
+// each pass is compiled twice (baseline and target("avx2,fma"), picked at run time); the CUDA
+// twin is slowed/cuda/kernels/slow_tuning_kernels.h, the oracle the reference path in
+// slowed/optim/slow_tuning_optimizer.h.
+
+#include <slowed/cpu/simd.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && !defined(__clang__)
+#include <xmmintrin.h>
+#endif
+
+// Every function taking or returning 32-byte vectors is always_inline (see simd.h).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace slowed {
+namespace cpu {
+
+/// Storage type shared by every operand of one tensor.
+enum class SlowStorage : int { Float32 = 0, BFloat16 = 1 };
+
+/// Per-tensor sums of pass 1, in fp64. u is the tensor's step (generic: theta_base - theta_prev;
+/// Adam: the update), p = theta_prev, d = theta_prev - theta_0, t = theta_0.
+struct SlowSums {
+  double uu = 0;  ///< ||u||^2
+  double pp = 0;  ///< ||p||^2
+  double du = 0;  ///< <d, u>
+  double dd = 0;  ///< ||d||^2
+  double tt = 0;  ///< ||theta_0||^2
+  SlowSums& operator+=(const SlowSums& o) {
+    uu += o.uu;
+    pp += o.pp;
+    du += o.du;
+    dd += o.dd;
+    tt += o.tt;
+    return *this;
+  }
+};
+
+/// The transform of one tensor's step: theta <- theta_prev + a u, then, when g < 1,
+/// theta <- theta - (1 - g)(theta - theta_0) (the projection onto the drift ball).
+struct SlowFactors {
+  double a = 1.0;
+  double g = 1.0;
+};
+
+/// The Slow Tuning settings of one step; a bound <= 0 is off.
+struct SlowBounds {
+  double scale = 1.0;
+  double max_step = 0.0;   ///< r of max_relative_step
+  double max_drift = 0.0;  ///< R of max_relative_drift
+  double norm_floor = 0.0;
+};
+
+/// Factors from the sums (the CUDA kernels compute the same in `slow_factors` on the device):
+///   a = s * min(1, rho / (s ||u||)),  rho = r * max(||p||, floor)   (no bound when rho = 0)
+///   g = min(1, R_0 / ||d + a u||),    R_0 = R * max(||theta_0||, floor)   (same)
+/// NaN sums leave the factors as they are (as the reference path does): the step carries the NaN.
+inline SlowFactors slow_factors(const SlowSums& s, const SlowBounds& b, bool has_initial) {
+  SlowFactors f;
+  f.a = b.scale;
+  if (b.max_step > 0) {
+    const double radius = b.max_step * std::max(std::sqrt(s.pp), b.norm_floor);
+    const double n = b.scale * std::sqrt(s.uu);
+    if (radius > 0 && n > radius) f.a = b.scale * (radius / n);
+  }
+  if (b.max_drift > 0 && has_initial) {
+    const double radius = b.max_drift * std::max(std::sqrt(s.tt), b.norm_floor);
+    const double n = std::sqrt(std::max(s.dd + 2.0 * f.a * s.du + f.a * f.a * s.uu, 0.0));
+    if (radius > 0 && n > radius) f.g = radius / n;
+  }
+  return f;
+}
+
+/// Hyper-parameters of one tensor's Adam step, rounded to fp32 as ATen rounds the scalar
+/// arguments of torch::optim::AdamW's ops for fp32 and bf16 tensors.
+struct AdamScalars {
+  float beta1 = 0.f, beta2 = 0.f;
+  float one_minus_beta1 = 1.f, one_minus_beta2 = 1.f;  ///< 1 - beta, formed in fp64
+  float eps = 0.f;
+  float step_size = 0.f;     ///< lr / (1 - beta1^t)
+  float bc2_sqrt = 1.f;      ///< sqrt(1 - beta2^t)
+  float weight_decay = 0.f;  ///< AdamW: lr * weight_decay (decoupled); Adam: weight_decay (L2)
+  bool decoupled = false;    ///< AdamW
+  bool amsgrad = false;
+};
+
+/// Operands of one tensor: raw pointers to contiguous storage of `numel` elements.
+struct SlowTensor {
+  void* param = nullptr;
+  const void* prev = nullptr;     ///< generic: the snapshot theta_prev (nullptr: no rewrite)
+  const void* grad = nullptr;     ///< Adam
+  void* exp_avg = nullptr;        ///< Adam
+  void* exp_avg_sq = nullptr;     ///< Adam
+  void* max_exp_avg_sq = nullptr; ///< Adam with amsgrad
+  const void* initial = nullptr;  ///< theta_0 (nullptr: no drift projection)
+  int64_t numel = 0;
+  SlowStorage storage = SlowStorage::Float32;
+  AdamScalars adam;
+};
+
+/// Elements per chunk: the unit of parallel work and of the fixed summation order.
+inline constexpr int64_t kSlowChunk = 16384;
+
+namespace detail {
+
+using d4 = double __attribute__((vector_size(32)));
+using f4 = float __attribute__((vector_size(16)));
+
+struct Chunk {
+  int64_t tensor, begin, end;
+};
+
+inline std::vector<Chunk> make_chunks(const std::vector<SlowTensor>& ts) {
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    for (int64_t b = 0; b < ts[i].numel; b += kSlowChunk) {
+      chunks.push_back({static_cast<int64_t>(i), b, std::min(ts[i].numel, b + kSlowChunk)});
+    }
+  }
+  return chunks;
+}
+
+// ---- element access: float or bf16 bits, 8 lanes, or a tail of n < 8 padded with zeros ------
+
+SLOWED_SIMD_INLINE f8 load_lanes(const float* p) { return load(p); }
+SLOWED_SIMD_INLINE f8 load_lanes(const uint16_t* p) { return bf16_to_f32(p); }
+SLOWED_SIMD_INLINE void store_lanes(float* p, f8 v) { store(p, v); }
+SLOWED_SIMD_INLINE void store_lanes(uint16_t* p, f8 v) { f32_to_bf16(p, v); }
+
+template <class T, bool kFull>
+SLOWED_SIMD_INLINE f8 ld(const void* base, int64_t i, int n) {
+  const T* p = static_cast<const T*>(base) + i;
+  if constexpr (kFull) {
+    return load_lanes(p);
+  } else {
+    T buf[kLanes] = {};
+    std::memcpy(buf, p, sizeof(T) * static_cast<size_t>(n));
+    return load_lanes(buf);
+  }
+}
+
+template <class T, bool kFull>
+SLOWED_SIMD_INLINE void st(void* base, int64_t i, int n, f8 v) {
+  T* p = static_cast<T*>(base) + i;
+  if constexpr (kFull) {
+    store_lanes(p, v);
+  } else {
+    T buf[kLanes];
+    store_lanes(buf, v);
+    std::memcpy(p, buf, sizeof(T) * static_cast<size_t>(n));
+  }
+}
+
+/// sqrt of 8 lanes, correctly rounded: vsqrtps in the AVX2 build (inline asm, so that the
+/// always_inline chain needs no target attribute; the instruction lands in the AVX2 function),
+/// two SSE sqrtps in the x86-64 baseline, a lane loop elsewhere.
+template <bool kAvx2>
+SLOWED_SIMD_INLINE f8 vsqrt(f8 x) {
+#if defined(__x86_64__) && !defined(__clang__)
+  if constexpr (kAvx2) {
+    f8 r;
+    asm("vsqrtps %1, %0" : "=x"(r) : "x"(x));
+    return r;
+  } else {
+    __m128 lo, hi;
+    std::memcpy(&lo, &x, 16);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&x) + 16, 16);
+    lo = _mm_sqrt_ps(lo);
+    hi = _mm_sqrt_ps(hi);
+    f8 r;
+    std::memcpy(&r, &lo, 16);
+    std::memcpy(reinterpret_cast<char*>(&r) + 16, &hi, 16);
+    return r;
+  }
+#else
+  f8 r;
+  for (int l = 0; l < kLanes; ++l) r[l] = std::sqrt(x[l]);
+  return r;
+#endif
+}
+
+/// Lanes 0-3 and 4-7 as doubles.
+SLOWED_SIMD_INLINE d4 lo_d(f8 v) {
+  f4 h;
+  std::memcpy(&h, &v, 16);
+  return __builtin_convertvector(h, d4);
+}
+SLOWED_SIMD_INLINE d4 hi_d(f8 v) {
+  f4 h;
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + 16, 16);
+  return __builtin_convertvector(h, d4);
+}
+
+/// fp64 accumulators of the five sums.
+struct Acc {
+  d4 v[5][2];
+};
+SLOWED_SIMD_INLINE void acc_zero(Acc& a) {
+  for (auto& s : a.v) s[0] = s[1] = d4{0, 0, 0, 0};
+}
+SLOWED_SIMD_INLINE void acc_add(Acc& a, int k, f8 x, f8 y) {
+  a.v[k][0] += lo_d(x) * lo_d(y);
+  a.v[k][1] += hi_d(x) * hi_d(y);
+}
+SLOWED_SIMD_INLINE double acc_total(const Acc& a, int k) {
+  const d4 s = a.v[k][0] + a.v[k][1];
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+SLOWED_SIMD_INLINE SlowSums acc_sums(const Acc& a) {
+  SlowSums s;
+  s.uu = acc_total(a, 0);
+  s.pp = acc_total(a, 1);
+  s.du = acc_total(a, 2);
+  s.dd = acc_total(a, 3);
+  s.tt = acc_total(a, 4);
+  return s;
+}
+
+// ---- generic path: x = theta after Base::step, p = theta_prev (x when no snapshot) ----------
+
+template <class T, bool kFull>
+SLOWED_SIMD_INLINE void generic_sums_lanes(const SlowTensor& t, int64_t i, int n, Acc& acc) {
+  const f8 x = ld<T, kFull>(t.param, i, n);
+  const f8 p = t.prev ? ld<T, kFull>(t.prev, i, n) : x;
+  const f8 u = x - p;
+  acc_add(acc, 0, u, u);
+  acc_add(acc, 1, p, p);
+  if (t.initial) {
+    const f8 t0 = ld<T, kFull>(t.initial, i, n);
+    const f8 d = p - t0;
+    acc_add(acc, 2, d, u);
+    acc_add(acc, 3, d, d);
+    acc_add(acc, 4, t0, t0);
+  }
+}
+
+// theta = x - (1 - a)(x - p), so that a = 1 leaves x bitwise as Base wrote it (the reference
+// path's form); then the projection when g < 1.
+template <class T, bool kFull>
+SLOWED_SIMD_INLINE void generic_apply_lanes(const SlowTensor& t, int64_t i, int n, f8 one_minus_a,
+                                            bool rewrite, f8 one_minus_g, bool project) {
+  f8 x = ld<T, kFull>(t.param, i, n);
+  if (rewrite) x = x - one_minus_a * (x - ld<T, kFull>(t.prev, i, n));
+  if (project) x = x - one_minus_g * (x - ld<T, kFull>(t.initial, i, n));
+  st<T, kFull>(t.param, i, n, x);
+}
+
+// ---- Adam path --------------------------------------------------------------------------------
+
+struct AdamLanes {
+  f8 m, v, vmax, u;
+};
+
+/// One Adam(W) update of 8 elements in fp32, in torch::optim::AdamW's order of operations:
+///   Adam: g <- g + wd p;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
+///   vmax <- max(vmax, v) (amsgrad);  denom = sqrt(v or vmax) / sqrt(1 - b2^t) + eps;
+///   u = (-step_size m) / denom, minus lr wd p for AdamW.
+/// theta_new = p + u is AdamW's step; the caller applies theta = p + a u.
+template <bool kAvx2>
+SLOWED_SIMD_INLINE AdamLanes adam_lanes(f8 p, f8 g, f8 m, f8 v, f8 vmax, const AdamScalars& h) {
+  if (!h.decoupled && h.weight_decay != 0.f) g = g + p * splat(h.weight_decay);
+  AdamLanes r;
+  r.m = m * splat(h.beta1) + g * splat(h.one_minus_beta1);
+  r.v = v * splat(h.beta2) + (g * g) * splat(h.one_minus_beta2);
+  f8 vh = r.v;
+  if (h.amsgrad) {
+    r.vmax = vmax > r.v ? vmax : r.v;
+    vh = r.vmax;
+  } else {
+    r.vmax = vmax;
+  }
+  const f8 denom = vsqrt<kAvx2>(vh) / splat(h.bc2_sqrt) + splat(h.eps);
+  r.u = (splat(-h.step_size) * r.m) / denom;
+  if (h.decoupled && h.weight_decay != 0.f) r.u = r.u - p * splat(h.weight_decay);
+  return r;
+}
+
+template <class T, bool kFull, bool kAvx2>
+SLOWED_SIMD_INLINE AdamLanes adam_load(const SlowTensor& t, int64_t i, int n, f8& p) {
+  p = ld<T, kFull>(t.param, i, n);
+  const f8 g = ld<T, kFull>(t.grad, i, n);
+  const f8 m = ld<T, kFull>(t.exp_avg, i, n);
+  const f8 v = ld<T, kFull>(t.exp_avg_sq, i, n);
+  const f8 vmax = t.adam.amsgrad ? ld<T, kFull>(t.max_exp_avg_sq, i, n) : splat(0.f);
+  return adam_lanes<kAvx2>(p, g, m, v, vmax, t.adam);
+}
+
+template <class T, bool kFull, bool kAvx2>
+SLOWED_SIMD_INLINE void adam_sums_lanes(const SlowTensor& t, int64_t i, int n, Acc& acc) {
+  f8 p;
+  const AdamLanes r = adam_load<T, kFull, kAvx2>(t, i, n, p);
+  if constexpr (!kFull) {
+    // Padded lanes hold zeros: p = g = m = v = 0 gives u = 0 / eps = 0 (or NaN when eps = 0),
+    // so mask them out of the sums.
+    f8 keep;
+    for (int l = 0; l < kLanes; ++l) keep[l] = l < n ? 1.f : 0.f;
+    const f8 u = select(keep > splat(0.f), r.u, splat(0.f));
+    acc_add(acc, 0, u, u);
+    acc_add(acc, 1, p, p);
+    if (t.initial) {
+      const f8 t0 = ld<T, kFull>(t.initial, i, n);
+      const f8 d = p - t0;
+      acc_add(acc, 2, d, u);
+      acc_add(acc, 3, d, d);
+      acc_add(acc, 4, t0, t0);
+    }
+  } else {
+    acc_add(acc, 0, r.u, r.u);
+    acc_add(acc, 1, p, p);
+    if (t.initial) {
+      const f8 t0 = ld<T, kFull>(t.initial, i, n);
+      const f8 d = p - t0;
+      acc_add(acc, 2, d, r.u);
+      acc_add(acc, 3, d, d);
+      acc_add(acc, 4, t0, t0);
+    }
+  }
+}
+
+template <class T, bool kFull, bool kAvx2>
+SLOWED_SIMD_INLINE void adam_apply_lanes(const SlowTensor& t, int64_t i, int n, f8 a,
+                                         f8 one_minus_g, bool project) {
+  f8 p;
+  const AdamLanes r = adam_load<T, kFull, kAvx2>(t, i, n, p);
+  f8 x = p + a * r.u;
+  if (project) x = x - one_minus_g * (x - ld<T, kFull>(t.initial, i, n));
+  st<T, kFull>(t.param, i, n, x);
+  st<T, kFull>(t.exp_avg, i, n, r.m);
+  st<T, kFull>(t.exp_avg_sq, i, n, r.v);
+  if (t.adam.amsgrad) st<T, kFull>(t.max_exp_avg_sq, i, n, r.vmax);
+}
+
+// ---- chunk bodies, compiled for the baseline ISA and for AVX2/FMA ----------------------------
+
+enum class Pass { GenericSums, GenericApply, AdamSums, AdamApply };
+
+template <class T, Pass kPass, bool kAvx2>
+SLOWED_SIMD_INLINE void chunk_body(const SlowTensor& t, int64_t b, int64_t e, SlowFactors f,
+                                   SlowSums* out) {
+  Acc acc;
+  acc_zero(acc);
+  const f8 one_minus_a = splat(static_cast<float>(1.0 - f.a));
+  const f8 a = splat(static_cast<float>(f.a));
+  const f8 one_minus_g = splat(static_cast<float>(1.0 - f.g));
+  const bool rewrite = t.prev != nullptr && f.a != 1.0;
+  const bool project = t.initial != nullptr && f.g < 1.0;
+  int64_t i = b;
+  for (; i + kLanes <= e; i += kLanes) {
+    if constexpr (kPass == Pass::GenericSums) generic_sums_lanes<T, true>(t, i, kLanes, acc);
+    if constexpr (kPass == Pass::GenericApply) {
+      generic_apply_lanes<T, true>(t, i, kLanes, one_minus_a, rewrite, one_minus_g, project);
+    }
+    if constexpr (kPass == Pass::AdamSums) adam_sums_lanes<T, true, kAvx2>(t, i, kLanes, acc);
+    if constexpr (kPass == Pass::AdamApply) {
+      adam_apply_lanes<T, true, kAvx2>(t, i, kLanes, a, one_minus_g, project);
+    }
+  }
+  if (i < e) {
+    const int n = static_cast<int>(e - i);
+    if constexpr (kPass == Pass::GenericSums) generic_sums_lanes<T, false>(t, i, n, acc);
+    if constexpr (kPass == Pass::GenericApply) {
+      generic_apply_lanes<T, false>(t, i, n, one_minus_a, rewrite, one_minus_g, project);
+    }
+    if constexpr (kPass == Pass::AdamSums) adam_sums_lanes<T, false, kAvx2>(t, i, n, acc);
+    if constexpr (kPass == Pass::AdamApply) {
+      adam_apply_lanes<T, false, kAvx2>(t, i, n, a, one_minus_g, project);
+    }
+  }
+  if (out) *out = acc_sums(acc);
+}
+
+template <class T, Pass kPass>
+void chunk_base(const SlowTensor& t, int64_t b, int64_t e, SlowFactors f, SlowSums* out) {
+  chunk_body<T, kPass, false>(t, b, e, f, out);
+}
+
+#ifdef SLOWED_HAVE_AVX2_DISPATCH
+template <class T, Pass kPass>
+SLOWED_TARGET_AVX2 void chunk_avx2(const SlowTensor& t, int64_t b, int64_t e, SlowFactors f,
+                                   SlowSums* out) {
+  chunk_body<T, kPass, true>(t, b, e, f, out);
+}
+#endif
+
+template <Pass kPass>
+void run_chunk(const SlowTensor& t, int64_t b, int64_t e, SlowFactors f, SlowSums* out) {
+  const bool bf16 = t.storage == SlowStorage::BFloat16;
+#ifdef SLOWED_HAVE_AVX2_DISPATCH
+  if (cpu_has_avx2_fma()) {
+    return bf16 ? chunk_avx2<uint16_t, kPass>(t, b, e, f, out)
+                : chunk_avx2<float, kPass>(t, b, e, f, out);
+  }
+#endif
+  return bf16 ? chunk_base<uint16_t, kPass>(t, b, e, f, out)
+              : chunk_base<float, kPass>(t, b, e, f, out);
+}
+
+/// Pass 1: per-chunk sums in parallel, then per tensor in chunk order.
+template <Pass kPass>
+std::vector<SlowSums> sums_pass(const std::vector<SlowTensor>& ts) {
+  const auto chunks = make_chunks(ts);
+  std::vector<SlowSums> partial(chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const Chunk& ch = chunks[static_cast<size_t>(c)];
+      run_chunk<kPass>(ts[static_cast<size_t>(ch.tensor)], ch.begin, ch.end, SlowFactors{},
+                       &partial[static_cast<size_t>(c)]);
+    }
+  });
+  std::vector<SlowSums> sums(ts.size());
+  for (size_t c = 0; c < chunks.size(); ++c) sums[static_cast<size_t>(chunks[c].tensor)] += partial[c];
+  return sums;
+}
+
+/// Pass 2: every chunk in parallel with its tensor's factors. Generic tensors whose factors
+/// are (1, 1) are skipped (bitwise unchanged).
+template <Pass kPass>
+void apply_pass(const std::vector<SlowTensor>& ts, const std::vector<SlowFactors>& f) {
+  std::vector<SlowTensor> todo;
+  std::vector<SlowFactors> todo_f;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const bool noop = kPass == Pass::GenericApply &&
+                      (ts[i].prev == nullptr || f[i].a == 1.0) &&
+                      (ts[i].initial == nullptr || !(f[i].g < 1.0));
+    if (noop || ts[i].numel == 0) continue;
+    todo.push_back(ts[i]);
+    todo_f.push_back(f[i]);
+  }
+  const auto chunks = make_chunks(todo);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const Chunk& ch = chunks[static_cast<size_t>(c)];
+      const auto k = static_cast<size_t>(ch.tensor);
+      run_chunk<kPass>(todo[k], ch.begin, ch.end, todo_f[k], nullptr);
+    }
+  });
+}
+
+}  // namespace detail
+
+/// Generic pass 1 over tensors whose `param` holds Base's new values: the sums with
+/// u = theta - prev (0 without a snapshot), p = prev (theta without one), d = p - initial.
+inline std::vector<SlowSums> generic_sums(const std::vector<SlowTensor>& ts) {
+  return detail::sums_pass<detail::Pass::GenericSums>(ts);
+}
+
+/// Generic pass 2: theta <- theta - (1 - a)(theta - prev), then the projection when g < 1.
+inline void generic_apply(const std::vector<SlowTensor>& ts, const std::vector<SlowFactors>& f) {
+  detail::apply_pass<detail::Pass::GenericApply>(ts, f);
+}
+
+/// Adam pass 1: the sums of the Adam update u of every tensor; writes nothing.
+inline std::vector<SlowSums> adam_sums(const std::vector<SlowTensor>& ts) {
+  return detail::sums_pass<detail::Pass::AdamSums>(ts);
+}
+
+/// Adam pass 2: theta <- theta + a u (then the projection when g < 1), and the moments.
+inline void adam_apply(const std::vector<SlowTensor>& ts, const std::vector<SlowFactors>& f) {
+  detail::apply_pass<detail::Pass::AdamApply>(ts, f);
+}
+
+}  // namespace cpu
+}  // namespace slowed

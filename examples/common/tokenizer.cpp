@@ -967,10 +967,10 @@ struct TokenizerImpl {
 
 namespace {
 
-// Word characters for single_word added tokens: letters, marks and numbers (an approximation
-// of Rust's char::is_alphanumeric, which also counts some marks as alphabetic).
+// Word characters for single_word added tokens: Rust regex's Unicode \w, which tokenizers
+// uses (^\w / \w$): Alphabetic, marks, decimal digits, connector punctuation, joiners.
 const Regex& word_char_regex() {
-  static const Regex r("[\\p{L}\\p{M}\\p{N}_]", "single_word");
+  static const Regex r("[\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\p{Join_Control}]", "single_word");
   return r;
 }
 bool ends_with_word_char(std::string_view s) {

@@ -6,8 +6,8 @@
 //
 // Encoding follows `tokenizers`' pipeline:
 //   1. added tokens (special or not) are cut out of the raw text first, leftmost-longest match
-//      (lstrip / rstrip / single_word honoured); tokens marked "normalized" are matched after
-//      step 2 instead;
+//      (lstrip / rstrip / single_word as in tokenizers: Unicode \s and \w); tokens marked
+//      "normalized" are matched after step 2 instead;
 //   2. normalizer (none, NFC, NFD, or a Sequence of them);
 //   3. pre-tokenizer: Split(regex, behavior, invert), Digits(individual_digits), ByteLevel
 //      (add_prefix_space, use_regex = the GPT-2 regex), or a Sequence of them. Regexes are the

@@ -364,6 +364,22 @@ TEST_CASE("model configs and names follow HF", "[cpu]") {
   CHECK(l3.rope_theta == 500000.0);
   CHECK(!l3.tie_word_embeddings);
   CHECK(load_model(kFixtures + "/qwen2").config.qkv_bias);
+  // GGUF: llama.cpp's rope_freqs.weight carries the Llama-3 scaling.
+  auto g3 = load_model(kFixtures + "/llama3_untied.gguf");
+  CHECK(g3.config.rope_freq_factors.size() == 8);
+  CHECK(g3.config.rope_scaling.type == "default");
+  CHECK(!g3.config.tie_word_embeddings);
+  // The scaling matters for these positions: without it the logits differ.
+  auto ref = SafetensorsFile::open(kFixtures + "/llama3_untied.ref.safetensors");
+  ModelConfig plain = g3.config;
+  plain.rope_freq_factors.clear();
+  auto unscaled = make_causal_lm(plain);
+  {
+    torch::NoGradGuard ng;
+    auto src = g3.model->named_parameters();
+    for (auto& p : unscaled->named_parameters()) p.value().copy_(src[p.key()]);
+    CHECK(max_abs_diff(unscaled->forward(ref.tensor("input_ids")), ref.tensor("logits")) > 1e-3);
+  }
 }
 
 TEST_CASE("tiny models match transformers' logits, padded batches included", "[cpu]") {

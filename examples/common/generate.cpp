@@ -58,42 +58,55 @@ std::vector<std::vector<int64_t>> generate_greedy(CausalLM& model,
                     options.stop_tokens_per_sequence[i].end());
 
   std::vector<std::vector<int64_t>> out(b);
-  std::vector<bool> done(b);
-  size_t n_done = 0;
+  // Rows of the running batch -> prompt index. Prompts with no budget never enter; finished
+  // rows leave the batch (and the cache), so the remaining ones do not pay for them.
+  std::vector<size_t> row_of;
+  std::vector<std::vector<int64_t>> batch;
   for (size_t i = 0; i < b; ++i) {
-    done[i] = budget[i] <= 0;
-    n_done += done[i];
+    if (budget[i] > 0) {
+      row_of.push_back(i);
+      batch.push_back(prompts[i]);
+    }
   }
-  if (n_done == b) return out;
+  if (row_of.empty()) return out;
 
   torch::NoGradGuard no_grad;
   const torch::Device device = model.parameters().front().device();
-  auto padded = left_pad(prompts, options.pad_token_id, device);
-  torch::Tensor ids = padded.first, mask = padded.second;
+  auto padded = left_pad(batch, options.pad_token_id, device);
+  torch::Tensor mask = padded.second;
   KVCache cache;
   ForwardOptions fo;
   fo.cache = &cache;
   fo.logits_to_keep = 1;
   fo.attention_mask = mask;
-  torch::Tensor logits = model.forward(ids, fo);  // [B, 1, V]
+  torch::Tensor logits = model.forward(padded.first, fo);  // [rows, 1, V]
   while (true) {
-    auto next = logits.select(1, 0).argmax(-1).to(torch::kCPU);  // [B]
-    auto acc = next.accessor<int64_t, 1>();
-    for (size_t i = 0; i < b; ++i) {
-      if (done[i]) continue;
-      const int64_t tok = acc[static_cast<int64_t>(i)];
+    torch::Tensor next = logits.select(1, 0).argmax(-1);  // [rows]
+    const torch::Tensor host = next.to(torch::kCPU);
+    const auto acc = host.accessor<int64_t, 1>();
+    std::vector<int64_t> keep;
+    std::vector<size_t> keep_of;
+    for (size_t r = 0; r < row_of.size(); ++r) {
+      const size_t i = row_of[r];
+      const int64_t tok = acc[static_cast<int64_t>(r)];
       out[i].push_back(tok);
       const bool stop = std::find(stops[i].begin(), stops[i].end(), tok) != stops[i].end();
-      if (stop || static_cast<int64_t>(out[i].size()) >= budget[i]) {
-        done[i] = true;
-        ++n_done;
+      if (!stop && static_cast<int64_t>(out[i].size()) < budget[i]) {
+        keep.push_back(static_cast<int64_t>(r));
+        keep_of.push_back(i);
       }
     }
-    if (n_done == b) break;
-    // Finished rows keep decoding their last token; their outputs are ignored.
-    mask = torch::cat({mask, torch::ones({static_cast<int64_t>(b), 1}, mask.options())}, 1);
+    if (keep.empty()) break;
+    if (keep.size() < row_of.size()) {
+      const auto idx = torch::tensor(keep, torch::kLong).to(device);
+      cache.select_rows(idx);
+      mask = mask.index_select(0, idx);
+      next = next.index_select(0, idx);
+    }
+    row_of = std::move(keep_of);
+    mask = torch::cat({mask, torch::ones({mask.size(0), 1}, mask.options())}, 1);
     fo.attention_mask = mask;
-    logits = model.forward(next.to(device).unsqueeze(1), fo);
+    logits = model.forward(next.unsqueeze(1), fo);
   }
   return out;
 }

@@ -79,15 +79,31 @@ struct ModelConfig {
   std::string summary() const;
 };
 
-/// Per-layer keys and values of the tokens seen so far: [B, kv_heads, T_past, head_dim].
-struct KVCache {
-  std::vector<torch::Tensor> keys, values;
+/// Per-layer keys and values of the positions seen so far. Buffers grow by doubling along the
+/// time axis, so appending a step costs O(new tokens), not O(cached length).
+class KVCache {
+ public:
   /// Number of cached positions (0 when empty).
-  int64_t length() const { return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2); }
-  void clear() {
-    keys.clear();
-    values.clear();
-  }
+  int64_t length() const { return length_; }
+  int64_t batch_size() const { return keys_.empty() ? 0 : keys_[0].size(0); }
+  size_t num_layers() const { return keys_.size(); }
+  /// Cached keys / values of one layer: [B, kv_heads, length(), head_dim] (views).
+  torch::Tensor keys(size_t layer) const;
+  torch::Tensor values(size_t layer) const;
+  void clear();
+  /// Keeps only the batch rows `rows` (int64 indices), e.g. to drop finished sequences.
+  void select_rows(const torch::Tensor& rows);
+
+  /// Writes k/v [B, H, T, D] of `layer` at positions [past, past + T) and returns the keys and
+  /// values of positions [0, past + T). Models call this once per layer, then commit().
+  std::pair<torch::Tensor, torch::Tensor> append(size_t layer, int64_t past, const torch::Tensor& k,
+                                                 const torch::Tensor& v);
+  /// Sets length() after every layer has appended.
+  void commit(int64_t new_length) { length_ = new_length; }
+
+ private:
+  std::vector<torch::Tensor> keys_, values_;  // [B, H, capacity, D]
+  int64_t length_ = 0;
 };
 
 struct ForwardOptions {

@@ -46,14 +46,14 @@ class BloomAttentionImpl : public torch::nn::Module {
     dense = register_module("dense", torch::nn::Linear(c.hidden_size, c.hidden_size));
   }
   // x [B, T, H]; bias [B, nh, T, Tk] additive (ALiBi + mask).
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& bias, KVCache* cache,
-                        size_t layer) {
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& bias,
+                        const AttentionInputs& in, KVCache* cache, size_t layer) {
     const int64_t b = x.size(0), t = x.size(1);
     auto fused = query_key_value(x).view({b, t, nh_, 3, hd_});
     auto q = fused.select(3, 0).transpose(1, 2);  // [B, nh, T, D]
     auto k = fused.select(3, 1).transpose(1, 2);
     auto v = fused.select(3, 2).transpose(1, 2);
-    std::tie(k, v) = cache_update(cache, layer, k, v);
+    std::tie(k, v) = cache_update(cache, layer, in, k, v);
     auto o = at::scaled_dot_product_attention(q, k, v, bias, 0.0, false,
                                               1.0 / std::sqrt(static_cast<double>(hd_)));
     return dense(o.transpose(1, 2).reshape({b, t, nh_ * hd_}));
@@ -85,9 +85,10 @@ class BloomBlockImpl : public torch::nn::Module {
         register_module("post_attention_layernorm", layer_norm(c.hidden_size, c.norm_eps));
     mlp = register_module("mlp", BloomMLP(c));
   }
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& bias, KVCache* cache, size_t layer) {
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& bias, const AttentionInputs& in,
+                        KVCache* cache, size_t layer) {
     auto ln1 = input_layernorm(x);
-    auto attn = self_attention(ln1, bias, cache, layer) + (post_ln_residual_ ? ln1 : x);
+    auto attn = self_attention(ln1, bias, in, cache, layer) + (post_ln_residual_ ? ln1 : x);
     auto ln2 = post_attention_layernorm(attn);
     return mlp(ln2) + (post_ln_residual_ ? ln2 : attn);
   }
@@ -162,7 +163,8 @@ class BloomForCausalLM : public CausalLM {
     }
     size_t i = 0;
     for (const auto& block : *transformer->h)
-      h = block->as<BloomBlockImpl>()->forward(h, bias, options.cache, i++);
+      h = block->as<BloomBlockImpl>()->forward(h, bias, in, options.cache, i++);
+    if (options.cache != nullptr) options.cache->commit(in.key_len);
     h = transformer->ln_f(keep_last(h, options.logits_to_keep));
     return F::linear(h, transformer->word_embeddings->weight);
   }

@@ -29,9 +29,10 @@ AttentionInputs prepare_attention(const torch::Tensor& input_ids, const ForwardO
 /// The last `keep` positions of hidden [B, T, H] (all when keep <= 0 or keep >= T).
 torch::Tensor keep_last(const torch::Tensor& hidden, int64_t keep);
 
-/// Appends k/v [B, H, T, D] to layer `layer` of the cache (when given) and returns the full
-/// keys/values.
+/// k/v appended to layer `layer` of the cache when there is one (at position in.past); returns
+/// the keys/values attention reads.
 std::pair<torch::Tensor, torch::Tensor> cache_update(KVCache* cache, size_t layer,
+                                                     const AttentionInputs& in,
                                                      const torch::Tensor& k,
                                                      const torch::Tensor& v);
 

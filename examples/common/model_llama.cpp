@@ -27,13 +27,14 @@ AttentionInputs prepare_attention(const torch::Tensor& input_ids, const ForwardO
   in.query_len = input_ids.size(1);
   if (options.cache != nullptr) {
     const KVCache& c = *options.cache;
-    TORCH_CHECK(c.keys.empty() || static_cast<int64_t>(c.keys.size()) == cache_layers_expected,
-                config.architecture, " forward: cache has ", c.keys.size(), " layers, expected ",
-                cache_layers_expected, " (or an empty cache)");
     in.past = c.length();
-    if (in.past > 0)
-      TORCH_CHECK(c.keys[0].size(0) == in.batch, config.architecture,
-                  " forward: cache batch ", c.keys[0].size(0), " != input batch ", in.batch);
+    if (in.past > 0) {
+      TORCH_CHECK(static_cast<int64_t>(c.num_layers()) == cache_layers_expected,
+                  config.architecture, " forward: cache has ", c.num_layers(),
+                  " layers, expected ", cache_layers_expected);
+      TORCH_CHECK(c.batch_size() == in.batch, config.architecture, " forward: cache batch ",
+                  c.batch_size(), " != input batch ", in.batch);
+    }
   }
   in.key_len = in.past + in.query_len;
   const auto dev = input_ids.device();
@@ -92,24 +93,63 @@ torch::Tensor keep_last(const torch::Tensor& hidden, int64_t keep) {
 }
 
 std::pair<torch::Tensor, torch::Tensor> cache_update(KVCache* cache, size_t layer,
+                                                     const AttentionInputs& in,
                                                      const torch::Tensor& k,
                                                      const torch::Tensor& v) {
   if (cache == nullptr) return {k, v};
-  if (cache->keys.size() <= layer) {
-    cache->keys.resize(layer + 1);
-    cache->values.resize(layer + 1);
-  }
-  auto& ck = cache->keys[layer];
-  auto& cv = cache->values[layer];
-  if (ck.defined()) {
-    ck = torch::cat({ck, k}, 2);
-    cv = torch::cat({cv, v}, 2);
-  } else {
-    ck = k;
-    cv = v;
-  }
-  return {ck, cv};
+  return cache->append(layer, in.past, k, v);
 }
+
+}  // namespace detail
+
+torch::Tensor KVCache::keys(size_t layer) const {
+  TORCH_CHECK(layer < keys_.size(), "KVCache: layer ", layer, " of ", keys_.size());
+  return keys_[layer].narrow(2, 0, length_);
+}
+torch::Tensor KVCache::values(size_t layer) const {
+  TORCH_CHECK(layer < values_.size(), "KVCache: layer ", layer, " of ", values_.size());
+  return values_[layer].narrow(2, 0, length_);
+}
+void KVCache::clear() {
+  keys_.clear();
+  values_.clear();
+  length_ = 0;
+}
+void KVCache::select_rows(const torch::Tensor& rows) {
+  for (size_t l = 0; l < keys_.size(); ++l) {
+    const auto idx = rows.to(keys_[l].device(), torch::kLong);
+    keys_[l] = keys_[l].index_select(0, idx);
+    values_[l] = values_[l].index_select(0, idx);
+  }
+}
+std::pair<torch::Tensor, torch::Tensor> KVCache::append(size_t layer, int64_t past,
+                                                        const torch::Tensor& k,
+                                                        const torch::Tensor& v) {
+  if (keys_.size() <= layer) {
+    keys_.resize(layer + 1);
+    values_.resize(layer + 1);
+  }
+  auto& kb = keys_[layer];
+  auto& vb = values_[layer];
+  const int64_t t = k.size(2), need = past + t;
+  if (!kb.defined() || kb.size(2) < need) {
+    // Grow to at least double the capacity (amortised O(1) per appended position).
+    const int64_t cap = std::max<int64_t>(need, kb.defined() ? 2 * kb.size(2) : need);
+    auto nk = torch::empty({k.size(0), k.size(1), cap, k.size(3)}, k.options());
+    auto nv = torch::empty({v.size(0), v.size(1), cap, v.size(3)}, v.options());
+    if (kb.defined() && past > 0) {
+      nk.narrow(2, 0, past).copy_(kb.narrow(2, 0, past));
+      nv.narrow(2, 0, past).copy_(vb.narrow(2, 0, past));
+    }
+    kb = nk;
+    vb = nv;
+  }
+  kb.narrow(2, past, t).copy_(k);
+  vb.narrow(2, past, t).copy_(v);
+  return {kb.narrow(2, 0, need), vb.narrow(2, 0, need)};
+}
+
+namespace detail {
 
 namespace {
 
@@ -160,7 +200,7 @@ class LlamaAttentionImpl : public torch::nn::Module {
     auto v = v_proj(x).view({b, t, nkv_, hd_}).transpose(1, 2);
     q = q * cos + rotate_half(q) * sin;
     k = k * cos + rotate_half(k) * sin;
-    std::tie(k, v) = cache_update(cache, layer, k, v);
+    std::tie(k, v) = cache_update(cache, layer, in, k, v);
     if (nh_ != nkv_) {
       // repeat_kv: query head h reads kv head h / (nh / nkv).
       const int64_t rep = nh_ / nkv_, tk = k.size(2);
@@ -282,6 +322,7 @@ class LlamaForCausalLM : public CausalLM {
     for (const auto& layer : *model->layers) {
       h = layer->as<LlamaDecoderLayerImpl>()->forward(h, cos, sin, in, options.cache, i++);
     }
+    if (options.cache != nullptr) options.cache->commit(in.key_len);
     h = model->norm(keep_last(h, options.logits_to_keep));
     return lm_head ? lm_head(h) : F::linear(h, model->embed_tokens->weight);
   }

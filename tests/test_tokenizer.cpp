@@ -525,6 +525,16 @@ TEST_CASE("chat templates render like transformers' apply_chat_template", "[cpu]
     CHECK(ids.front() == 1);
     CHECK(std::count(ids.begin(), ids.end(), 2) == 2);
   }
+  // BLOOM has no template: an error by default, the Plain format on request.
+  auto bloom = Tokenizer::from_directory(kDir + "/tokenizers/bloom");
+  CHECK(bloom.chat_template().empty());
+  CHECK_THROWS_WITH(ChatTemplate::from_tokenizer(bloom), Catch::Contains("no chat template"));
+  auto plain = ChatTemplate::from_tokenizer(bloom, /*plain_if_missing=*/true);
+  CHECK(plain.format() == ChatFormat::Plain);
+  CHECK(plain.apply({{"user", "Q:1+1?\n\nA:"}}) == "Q:1+1?\n\nA:");
+  CHECK(plain.apply({{"system", "S"}, {"user", "Q"}, {"assistant", "R"}}) == "S\n\nQ R</s>");
+  auto plain_ids = bloom.encode(plain.apply({{"user", "Q"}, {"assistant", "R"}}), false);
+  CHECK(plain_ids.back() == bloom.eos_id());
   // Bad input.
   CHECK_THROWS_WITH(ChatTemplate::from_template("", "", "bloom/tokenizer_config.json"),
                     Catch::Contains("bloom/tokenizer_config.json") && Catch::Contains("no chat template"));

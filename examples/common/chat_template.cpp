@@ -15,7 +15,8 @@ const char* chat_format_name(ChatFormat f) {
   switch (f) {
     case ChatFormat::ChatML: return "ChatML";
     case ChatFormat::Llama3: return "Llama 3";
-    default: return "Llama 3.1";
+    case ChatFormat::Llama31: return "Llama 3.1";
+    default: return "Plain";
   }
 }
 
@@ -146,17 +147,22 @@ ChatTemplate ChatTemplate::from_template(const std::string& jinja, const std::st
   return t;
 }
 
-ChatTemplate ChatTemplate::from_tokenizer(const Tokenizer& tokenizer) {
+ChatTemplate ChatTemplate::from_tokenizer(const Tokenizer& tokenizer, bool plain_if_missing) {
+  if (tokenizer.chat_template().empty() && plain_if_missing) {
+    TORCH_CHECK(tokenizer.eos_id(), tokenizer.source(),
+                ": no chat template and no EOS token; the Plain format needs the EOS text");
+    return from_format(ChatFormat::Plain, tokenizer.id_to_token(*tokenizer.eos_id()));
+  }
   std::string bos;
   if (auto id = tokenizer.bos_id()) bos = tokenizer.id_to_token(*id);
   return from_template(tokenizer.chat_template(), bos, tokenizer.source() + ": chat template");
 }
 
-ChatTemplate ChatTemplate::from_format(ChatFormat format, const std::string& bos_token,
+ChatTemplate ChatTemplate::from_format(ChatFormat format, const std::string& special_token,
                                        std::optional<std::string> default_system) {
   ChatTemplate t;
   t.format_ = format;
-  t.bos_ = bos_token;
+  t.bos_ = special_token;
   t.default_system_ = std::move(default_system);
   return t;
 }
@@ -169,6 +175,18 @@ std::string ChatTemplate::apply(const std::vector<ChatMessage>& messages, const 
                 "].role is '", r, "' (expected system, user or assistant)");
   }
   std::string out;
+  if (format_ == ChatFormat::Plain) {
+    if (default_system_ && messages[0].role != "system") out += *default_system_;
+    for (const auto& m : messages) {
+      if (m.role == "assistant") {
+        out += " " + m.content + bos_;
+      } else {
+        if (!out.empty()) out += "\n\n";
+        out += m.content;
+      }
+    }
+    return out;
+  }
   if (format_ == ChatFormat::ChatML) {
     if (default_system_ && messages[0].role != "system")
       out += "<|im_start|>system\n" + *default_system_ + "<|im_end|>\n";

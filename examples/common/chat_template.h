@@ -22,6 +22,12 @@
 //                                template calls strftime_now, else "26 Jul 2024" (Llama 3.1).
 //   add_generation_prompt appends "<|start_header_id|>assistant<|end_header_id|>\n\n".
 //
+//   Plain (no template: base models such as BLOOM; only on request, see from_tokenizer):
+//                                {system}\n\n{user} {assistant}{eos}  (messages after the first are
+//                                separated by "\n\n", an assistant reply by one space and ended
+//                                by the EOS token text so that a model learns to stop);
+//                                add_generation_prompt adds nothing.
+//
 // The rendered string already holds the special tokens (and Llama's BOS): encode it with
 // add_special_tokens = false, as transformers' apply_chat_template(tokenize=True) does.
 // Unrecognized templates and roles other than system/user/assistant throw c10::Error.
@@ -51,6 +57,7 @@ enum class ChatFormat {
   ChatML,   // <|im_start|> ... <|im_end|>
   Llama3,   // Llama 3.0: BOS on the first message, no system block
   Llama31,  // Llama 3.1 / 3.2: system block with the knowledge and today's dates
+  Plain,    // no template (base models): contents joined, EOS after assistant replies
 };
 const char* chat_format_name(ChatFormat f);
 
@@ -68,10 +75,12 @@ class ChatTemplate {
   /// write for {{ bos_token }}. Throws naming `source` when the template is empty or unknown.
   static ChatTemplate from_template(const std::string& jinja, const std::string& bos_token = "",
                                     const std::string& source = "<chat template>");
-  /// The tokenizer's chat_template() with its BOS token text.
-  static ChatTemplate from_tokenizer(const Tokenizer& tokenizer);
-  /// A format directly (default system prompt none unless given).
-  static ChatTemplate from_format(ChatFormat format, const std::string& bos_token = "",
+  /// The tokenizer's chat_template() with its BOS token text. A tokenizer without a template
+  /// throws, unless plain_if_missing: then the Plain format with its EOS token text.
+  static ChatTemplate from_tokenizer(const Tokenizer& tokenizer, bool plain_if_missing = false);
+  /// A format directly (default system prompt none unless given). `special_token` is the BOS
+  /// text for the Llama formats and the EOS text for Plain.
+  static ChatTemplate from_format(ChatFormat format, const std::string& special_token = "",
                                   std::optional<std::string> default_system = std::nullopt);
 
   ChatFormat format() const { return format_; }
@@ -86,7 +95,7 @@ class ChatTemplate {
 
  private:
   ChatFormat format_ = ChatFormat::ChatML;
-  std::string bos_;
+  std::string bos_;  // Llama: BOS text; Plain: EOS text
   std::optional<std::string> default_system_;
   bool uses_strftime_ = false;
 };

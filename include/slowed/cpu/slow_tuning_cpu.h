@@ -279,17 +279,39 @@ struct AdamLanes {
   f8 m, v, vmax, u;
 };
 
+/// AdamScalars broadcast to 8 lanes once per chunk (not once per vector).
+struct AdamVec {
+  f8 beta1, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, weight_decay;
+  bool l2, decoupled_wd, amsgrad;
+};
+
+SLOWED_SIMD_INLINE AdamVec adam_vec(const AdamScalars& h) {
+  AdamVec v;
+  v.beta1 = splat(h.beta1);
+  v.beta2 = splat(h.beta2);
+  v.one_minus_beta1 = splat(h.one_minus_beta1);
+  v.one_minus_beta2 = splat(h.one_minus_beta2);
+  v.eps = splat(h.eps);
+  v.neg_step_size = splat(-h.step_size);
+  v.bc2_sqrt = splat(h.bc2_sqrt);
+  v.weight_decay = splat(h.weight_decay);
+  v.l2 = !h.decoupled && h.weight_decay != 0.f;
+  v.decoupled_wd = h.decoupled && h.weight_decay != 0.f;
+  v.amsgrad = h.amsgrad;
+  return v;
+}
+
 /// One Adam(W) update of 8 elements in fp32, in torch::optim::AdamW's order of operations:
 ///   Adam: g <- g + wd p;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
 ///   vmax <- max(vmax, v) (amsgrad);  denom = sqrt(v or vmax) / sqrt(1 - b2^t) + eps;
 ///   u = (-step_size m) / denom, minus lr wd p for AdamW.
 /// theta_new = p + u is AdamW's step; the caller applies theta = p + a u.
 template <bool kAvx2>
-SLOWED_SIMD_INLINE AdamLanes adam_lanes(f8 p, f8 g, f8 m, f8 v, f8 vmax, const AdamScalars& h) {
-  if (!h.decoupled && h.weight_decay != 0.f) g = g + p * splat(h.weight_decay);
+SLOWED_SIMD_INLINE AdamLanes adam_lanes(f8 p, f8 g, f8 m, f8 v, f8 vmax, const AdamVec& h) {
+  if (h.l2) g = g + p * h.weight_decay;
   AdamLanes r;
-  r.m = m * splat(h.beta1) + g * splat(h.one_minus_beta1);
-  r.v = v * splat(h.beta2) + (g * g) * splat(h.one_minus_beta2);
+  r.m = m * h.beta1 + g * h.one_minus_beta1;
+  r.v = v * h.beta2 + (g * g) * h.one_minus_beta2;
   f8 vh = r.v;
   if (h.amsgrad) {
     r.vmax = vmax > r.v ? vmax : r.v;
@@ -297,26 +319,28 @@ SLOWED_SIMD_INLINE AdamLanes adam_lanes(f8 p, f8 g, f8 m, f8 v, f8 vmax, const A
   } else {
     r.vmax = vmax;
   }
-  const f8 denom = vsqrt<kAvx2>(vh) / splat(h.bc2_sqrt) + splat(h.eps);
-  r.u = (splat(-h.step_size) * r.m) / denom;
-  if (h.decoupled && h.weight_decay != 0.f) r.u = r.u - p * splat(h.weight_decay);
+  const f8 denom = vsqrt<kAvx2>(vh) / h.bc2_sqrt + h.eps;
+  r.u = (h.neg_step_size * r.m) / denom;
+  if (h.decoupled_wd) r.u = r.u - p * h.weight_decay;
   return r;
 }
 
 template <class T, bool kFull, bool kAvx2>
-SLOWED_SIMD_INLINE AdamLanes adam_load(const SlowTensor& t, int64_t i, int n, f8& p) {
+SLOWED_SIMD_INLINE AdamLanes adam_load(const SlowTensor& t, const AdamVec& h, int64_t i, int n,
+                                       f8& p) {
   p = ld<T, kFull>(t.param, i, n);
   const f8 g = ld<T, kFull>(t.grad, i, n);
   const f8 m = ld<T, kFull>(t.exp_avg, i, n);
   const f8 v = ld<T, kFull>(t.exp_avg_sq, i, n);
-  const f8 vmax = t.adam.amsgrad ? ld<T, kFull>(t.max_exp_avg_sq, i, n) : splat(0.f);
-  return adam_lanes<kAvx2>(p, g, m, v, vmax, t.adam);
+  const f8 vmax = h.amsgrad ? ld<T, kFull>(t.max_exp_avg_sq, i, n) : splat(0.f);
+  return adam_lanes<kAvx2>(p, g, m, v, vmax, h);
 }
 
 template <class T, bool kFull, bool kAvx2>
-SLOWED_SIMD_INLINE void adam_sums_lanes(const SlowTensor& t, int64_t i, int n, Acc& acc) {
+SLOWED_SIMD_INLINE void adam_sums_lanes(const SlowTensor& t, const AdamVec& h, int64_t i, int n,
+                                        Acc& acc) {
   f8 p;
-  const AdamLanes r = adam_load<T, kFull, kAvx2>(t, i, n, p);
+  const AdamLanes r = adam_load<T, kFull, kAvx2>(t, h, i, n, p);
   if constexpr (!kFull) {
     // Padded lanes hold zeros: p = g = m = v = 0 gives u = 0 / eps = 0 (or NaN when eps = 0),
     // so mask them out of the sums.
@@ -346,16 +370,16 @@ SLOWED_SIMD_INLINE void adam_sums_lanes(const SlowTensor& t, int64_t i, int n, A
 }
 
 template <class T, bool kFull, bool kAvx2>
-SLOWED_SIMD_INLINE void adam_apply_lanes(const SlowTensor& t, int64_t i, int n, f8 a,
-                                         f8 one_minus_g, bool project) {
+SLOWED_SIMD_INLINE void adam_apply_lanes(const SlowTensor& t, const AdamVec& h, int64_t i, int n,
+                                         f8 a, f8 one_minus_g, bool project) {
   f8 p;
-  const AdamLanes r = adam_load<T, kFull, kAvx2>(t, i, n, p);
+  const AdamLanes r = adam_load<T, kFull, kAvx2>(t, h, i, n, p);
   f8 x = p + a * r.u;
   if (project) x = x - one_minus_g * (x - ld<T, kFull>(t.initial, i, n));
   st<T, kFull>(t.param, i, n, x);
   st<T, kFull>(t.exp_avg, i, n, r.m);
   st<T, kFull>(t.exp_avg_sq, i, n, r.v);
-  if (t.adam.amsgrad) st<T, kFull>(t.max_exp_avg_sq, i, n, r.vmax);
+  if (h.amsgrad) st<T, kFull>(t.max_exp_avg_sq, i, n, r.vmax);
 }
 
 // ---- chunk bodies, compiled for the baseline ISA and for AVX2/FMA ----------------------------
@@ -363,8 +387,12 @@ SLOWED_SIMD_INLINE void adam_apply_lanes(const SlowTensor& t, int64_t i, int n, 
 enum class Pass { GenericSums, GenericApply, AdamSums, AdamApply };
 
 template <class T, Pass kPass, bool kAvx2>
-SLOWED_SIMD_INLINE void chunk_body(const SlowTensor& t, int64_t b, int64_t e, SlowFactors f,
+SLOWED_SIMD_INLINE void chunk_body(const SlowTensor& tensor, int64_t b, int64_t e, SlowFactors f,
                                    SlowSums* out) {
+  // Local copies: the stores through the tensor pointers cannot alias them, so pointers and
+  // broadcast scalars stay in registers across the loop.
+  const SlowTensor t = tensor;
+  const AdamVec h = adam_vec(t.adam);
   Acc acc;
   acc_zero(acc);
   const f8 one_minus_a = splat(static_cast<float>(1.0 - f.a));
@@ -378,9 +406,9 @@ SLOWED_SIMD_INLINE void chunk_body(const SlowTensor& t, int64_t b, int64_t e, Sl
     if constexpr (kPass == Pass::GenericApply) {
       generic_apply_lanes<T, true>(t, i, kLanes, one_minus_a, rewrite, one_minus_g, project);
     }
-    if constexpr (kPass == Pass::AdamSums) adam_sums_lanes<T, true, kAvx2>(t, i, kLanes, acc);
+    if constexpr (kPass == Pass::AdamSums) adam_sums_lanes<T, true, kAvx2>(t, h, i, kLanes, acc);
     if constexpr (kPass == Pass::AdamApply) {
-      adam_apply_lanes<T, true, kAvx2>(t, i, kLanes, a, one_minus_g, project);
+      adam_apply_lanes<T, true, kAvx2>(t, h, i, kLanes, a, one_minus_g, project);
     }
   }
   if (i < e) {
@@ -389,9 +417,9 @@ SLOWED_SIMD_INLINE void chunk_body(const SlowTensor& t, int64_t b, int64_t e, Sl
     if constexpr (kPass == Pass::GenericApply) {
       generic_apply_lanes<T, false>(t, i, n, one_minus_a, rewrite, one_minus_g, project);
     }
-    if constexpr (kPass == Pass::AdamSums) adam_sums_lanes<T, false, kAvx2>(t, i, n, acc);
+    if constexpr (kPass == Pass::AdamSums) adam_sums_lanes<T, false, kAvx2>(t, h, i, n, acc);
     if constexpr (kPass == Pass::AdamApply) {
-      adam_apply_lanes<T, false, kAvx2>(t, i, n, a, one_minus_g, project);
+      adam_apply_lanes<T, false, kAvx2>(t, h, i, n, a, one_minus_g, project);
     }
   }
   if (out) *out = acc_sums(acc);

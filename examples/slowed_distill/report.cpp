@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -155,11 +156,14 @@ std::string write_reports(const std::string& out_dir, const std::vector<EpochRec
                  out_dir.c_str());
     return "";
   }
+  int max_epoch = 0;
+  for (const auto& r : records) max_epoch = std::max(max_epoch, r.epoch);
   std::ostringstream gp;
   gp << "set terminal pngcairo size 1200,480 noenhanced\n"
      << "set output '" << out_dir << "/plot.png'\n"
      << "set multiplot layout 1,2\n"
      << "set xlabel 'epoch'\nset grid\nset key bottom left\nset yrange [0:1]\n"
+     << "set xrange [0:" << std::max(1, max_epoch) << "]\nset xtics 1\n"
      << "set title 'AdvBench safety ratio'\nplot ";
   for (size_t i = 0; i < order.size(); ++i)
     gp << (i ? ", " : "") << "'" << out_dir << "/plot.dat' index " << i
@@ -181,11 +185,11 @@ std::string write_reports(const std::string& out_dir, const std::vector<EpochRec
 std::string format_table(const std::vector<EpochRecord>& records) {
   std::ostringstream o;
   char line[256];
-  std::snprintf(line, sizeof line, "%-8s %5s %8s %8s %8s %8s %8s %8s %8s %8s\n", "mode", "epoch",
+  std::snprintf(line, sizeof line, "%-8s %5s %8s %8s %8s %8s %8s %9s %8s %8s\n", "mode", "epoch",
                 "BBH", "ARC-E", "ARC-C", "AGIEval", "safety", "drift", "kept", "loss");
   o << line;
   for (const auto& r : records) {
-    std::snprintf(line, sizeof line, "%-8s %5d %8.3f %8.3f %8.3f %8.3f %8.3f %8.4f %8.3f %8.4f\n",
+    std::snprintf(line, sizeof line, "%-8s %5d %8.3f %8.3f %8.3f %8.3f %8.3f %9.2e %8.3f %8.4f\n",
                   r.mode.c_str(), r.epoch, r.bbh_accuracy, r.arc_e_accuracy, r.arc_c_accuracy,
                   r.agieval_accuracy, r.safety_ratio, r.drift, r.kept_fraction, r.train_loss);
     o << line;

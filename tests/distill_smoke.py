@@ -1,0 +1,114 @@
+"""End-to-end smoke test of examples/slowed_distill (ctest distill.smoke).
+
+A tiny random model with SmolLM2's real tokenizer, a handful of BBH examples, every mode:
+checks that the outputs are well-formed, that --resume continues bit-identically (an interrupted
+2-epoch run resumed after epoch 1 equals an uninterrupted one, timings aside), and that bad
+paths give clear errors. Exits 77 (ctest: skipped) when the data or the model is missing.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--bin", required=True)
+ap.add_argument("--data", required=True)
+ap.add_argument("--model", required=True)
+ap.add_argument("--work", required=True)
+args = ap.parse_args()
+
+for path, what in ((args.data + "/bbh/tasks", "data folder"), (args.model, "SmolLM2 GGUF")):
+    if not os.path.exists(path):
+        print(f"skipped: {what} {path} missing")
+        sys.exit(77)
+
+SMALL = ["--smoke", "--quiet", "--data", args.data, "--model", args.model,
+         "--tasks", "boolean_expressions,web_of_lies", "--train-per-task", "3", "--test-per-task", "1",
+         "--ood", "1", "--advbench", "2", "--max-new-tokens", "4", "--safety-new-tokens", "4",
+         "--max-len", "320", "--batch", "3", "--eval-batch", "4"]
+FIELDS = ["mode", "epoch", "bbh_accuracy", "arc_e_accuracy", "arc_c_accuracy", "agieval_accuracy",
+          "safety_ratio", "train_loss", "kept_fraction", "drift", "train_seconds", "eval_seconds",
+          "bbh_n", "arc_e_n", "arc_c_n", "agieval_n", "advbench_n", "device"]
+failures = []
+
+
+def check(cond, msg):
+    if not cond:
+        failures.append(msg)
+        print("FAIL:", msg)
+
+
+def run(out, *extra, expect=0):
+    cmd = [args.bin, *SMALL, "--out", out, *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != expect:
+        print(p.stdout[-3000:], p.stderr[-3000:])
+        sys.exit(f"{' '.join(cmd)}: exit {p.returncode}, expected {expect}")
+    return p
+
+
+def records(out):
+    with open(os.path.join(out, "results.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+shutil.rmtree(args.work, ignore_errors=True)
+os.makedirs(args.work)
+
+# 1. Every mode, one epoch: well-formed outputs.
+out = os.path.join(args.work, "all")
+p = run(out, "--modes", "base,sft,slow,lem,slowed", "--epochs", "1")
+recs = records(out)
+check(len(recs) == 9, f"expected 9 records (base + 4 training modes x 2 epochs), got {len(recs)}")
+for r in recs:
+    check(list(r.keys()) == FIELDS, f"record fields {list(r.keys())}")
+    for k in ("bbh_accuracy", "arc_e_accuracy", "arc_c_accuracy", "agieval_accuracy",
+              "safety_ratio", "kept_fraction"):
+        check(0.0 <= r[k] <= 1.0, f"{r['mode']} {k} = {r[k]} outside [0, 1]")
+    check(r["train_loss"] == r["train_loss"], f"{r['mode']} train loss is NaN")
+by = {(r["mode"], r["epoch"]): r for r in recs}
+for m in ("sft", "slow", "lem", "slowed"):
+    check(by[(m, 1)]["drift"] > 0, f"{m}: no drift after training")
+    check(by[(m, 1)]["train_loss"] > 0, f"{m}: no training loss")
+check(by[("slow", 1)]["drift"] < by[("sft", 1)]["drift"], "slow tuning did not reduce the drift")
+check(by[("sft", 1)]["kept_fraction"] == 1.0, "sft masks tokens")
+with open(os.path.join(out, "results.csv")) as f:
+    check(len(f.read().strip().splitlines()) == 10, "results.csv has not 1 + 9 lines")
+for m in ("base", "sft", "slowed"):
+    e = 0 if m == "base" else 1
+    check(os.path.exists(os.path.join(out, "samples", f"advbench_{m}_epoch{e}.txt")), f"samples of {m}")
+for m in ("sft", "slow", "lem", "slowed"):
+    check(os.path.exists(os.path.join(out, "checkpoints", f"{m}.pt")), f"checkpoint of {m}")
+if shutil.which("gnuplot"):
+    with open(os.path.join(out, "plot.png"), "rb") as f:
+        check(f.read(4) == b"\x89PNG", "plot.png is not a PNG")
+check("slowed" in p.stdout and "safety" in p.stdout, "no result table printed")
+
+# 2. Resume is exact: 2 epochs straight vs 1 epoch, then --resume to 2.
+straight = os.path.join(args.work, "straight")
+run(straight, "--modes", "slowed", "--epochs", "2")
+resumed = os.path.join(args.work, "resumed")
+run(resumed, "--modes", "slowed", "--epochs", "1")
+run(resumed, "--modes", "slowed", "--epochs", "2", "--resume")
+a = {(r["mode"], r["epoch"]): r for r in records(straight)}
+b = {(r["mode"], r["epoch"]): r for r in records(resumed)}
+check(set(a) == set(b), f"records differ: {sorted(a)} vs {sorted(b)}")
+for key in a:
+    for k in FIELDS:
+        if k.endswith("_seconds"):
+            continue
+        check(a[key][k] == b.get(key, {}).get(k), f"resume: {key} {k}: {a[key][k]} vs {b.get(key, {}).get(k)}")
+
+# 3. Bad paths give clear errors, not crashes.
+p = run(os.path.join(args.work, "bad"), "--data", "/nonexistent/data", expect=2)
+check("missing /nonexistent/data" in p.stderr, f"missing data message: {p.stderr.strip()}")
+p = run(os.path.join(args.work, "bad"), "--model", "/nonexistent/model.gguf", expect=2)
+check("/nonexistent/model.gguf" in p.stderr, f"missing model message: {p.stderr.strip()}")
+p = run(os.path.join(args.work, "bad"), "--modes", "sft,bogus", expect=2)
+check("bogus" in p.stderr, f"unknown mode message: {p.stderr.strip()}")
+
+if failures:
+    sys.exit(f"{len(failures)} failures")
+print("distill smoke: all checks passed")

@@ -747,10 +747,10 @@ struct TokenizerImpl {
       auto m = trie.longest_at(text, pos);
       if (m.second < 0) { ++pos; continue; }
       const AddedToken& t = added[static_cast<size_t>(m.second)];
-      size_t start = pos, stop = m.first;
+      size_t start = pos, finish = m.first;
       if (t.single_word && ((start > 0 && ends_with_word_char(text.substr(0, start))) ||
-                            (stop < text.size() && starts_with_word_char(text.substr(stop))))) {
-        pos = stop;  // discarded; the search goes on after it
+                            (finish < text.size() && starts_with_word_char(text.substr(finish))))) {
+        pos = finish;  // discarded; the search goes on after it
         continue;
       }
       if (t.lstrip) {
@@ -765,16 +765,16 @@ struct TokenizerImpl {
         start = s;
       }
       if (t.rstrip) {
-        while (stop < text.size()) {
-          size_t len = utf8_len_from_lead(static_cast<unsigned char>(text[stop]));
-          auto cp = utf8_decode(reinterpret_cast<const unsigned char*>(text.data()) + stop, len);
+        while (finish < text.size()) {
+          size_t len = utf8_len_from_lead(static_cast<unsigned char>(text[finish]));
+          auto cp = utf8_decode(reinterpret_cast<const unsigned char*>(text.data()) + finish, len);
           if (!is_white_space(cp)) break;
-          stop += len;
+          finish += len;
         }
       }
       if (start > done) on_text(text.substr(done, start - done));
       on_token(m.second);
-      done = pos = stop;
+      done = pos = finish;
     }
     if (done < text.size()) on_text(text.substr(done));
   }

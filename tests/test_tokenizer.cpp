@@ -227,7 +227,7 @@ TEST_CASE("GGUF tokenizers: SmolLM2 from its GGUF, and llama-bpe / qwen2 / bloom
 
   SECTION("SmolLM2-135M-Instruct.Q4_1.gguf") {
     if (!file_exists(smollm2) || m["smollm2"] != "present") {
-      WARN("SmolLM2 GGUF missing: " << smollm2);
+      WARN("SmolLM2 GGUF or its reference ids missing: " << smollm2);
       return;
     }
     auto t_load = std::chrono::steady_clock::now();

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 
 #include <filesystem>
 #include <fstream>
@@ -26,6 +27,14 @@ namespace fs = std::filesystem;
 namespace {
 
 const std::string kFixtures = std::string(SLOWED_TEST_FIXTURE_DIR) + "/models";
+
+// One intra-op thread: these models are tiny (per-op overhead dominates), and on a shared
+// machine OpenMP's spinning barriers made the suite ~20x slower with 2 threads under load
+// (observed 70 s vs 4 s). Results do not depend on it (the references match bitwise).
+[[maybe_unused]] const bool kSingleThread = [] {
+  at::set_num_threads(1);
+  return true;
+}();
 
 std::string smollm2_path() {
   return std::string(SLOWED_TEST_MODELS_DIR) + "/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -218,6 +227,15 @@ TEST_CASE("gguf dequantization matches gguf-py for every supported type", "[cpu]
                                                Catch::Contains("not found"));
 }
 
+TEST_CASE("gguf honours general.alignment", "[cpu]") {
+  auto f = GgufFile::open(kFixtures + "/align64.gguf");
+  CHECK(f.alignment() == 64);
+  CHECK(f.data_offset() % 64 == 0);
+  CHECK(f.tensor_info("b").offset % 64 == 0);
+  CHECK(torch::equal(f.tensor("a"), torch::arange(5, torch::kFloat32)));
+  CHECK(torch::equal(f.tensor("b"), torch::arange(7, torch::kFloat32) * 0.5));
+}
+
 TEST_CASE("gguf bad input gives errors naming the file", "[cpu]") {
   TempDir tmp;
   const std::string good = read_bytes(kFixtures + "/quant.gguf");
@@ -252,6 +270,17 @@ TEST_CASE("gguf bad input gives errors naming the file", "[cpu]") {
   write_bytes(tmp.file("header.gguf"), good.substr(0, 200));
   CHECK_THROWS_WITH(GgufFile::open(tmp.file("header.gguf")),
                     Catch::Contains("header.gguf") && Catch::Contains("truncated"));
+
+  // Tensor info of t_F32: u64 name length, name, u32 n_dims (2), 2 x u64 dims, u32 type.
+  bad = good;
+  const size_t at = bad.find("t_F32");
+  REQUIRE(at != std::string::npos);
+  const uint32_t unknown_type = 99;
+  std::memcpy(&bad[at + 5 + 4 + 16], &unknown_type, 4);
+  write_bytes(tmp.file("qtype.gguf"), bad);
+  CHECK_THROWS_WITH(GgufFile::open(tmp.file("qtype.gguf")),
+                    Catch::Contains("qtype.gguf") && Catch::Contains("'t_F32'") &&
+                        Catch::Contains("unknown quantization type id 99"));
 
   write_bytes(tmp.file("empty.gguf"), "");
   CHECK_THROWS_WITH(GgufFile::open(tmp.file("empty.gguf")), Catch::Contains("bad magic"));

@@ -207,31 +207,50 @@ SLOWED_SIMD_INLINE f8 vsqrt(f8 x) {
 #endif
 }
 
-/// Lanes 0-3 and 4-7 as doubles.
-SLOWED_SIMD_INLINE d4 lo_d(f8 v) {
-  f4 h;
-  std::memcpy(&h, &v, 16);
-  return __builtin_convertvector(h, d4);
-}
-SLOWED_SIMD_INLINE d4 hi_d(f8 v) {
-  f4 h;
-  std::memcpy(&h, reinterpret_cast<const char*>(&v) + 16, 16);
+/// 4 floats as doubles: one vcvtps2pd in the AVX2 build (inline asm, as vsqrt; GCC lowers
+/// __builtin_convertvector to 2-lane pieces in the always-inline helpers), else the builtin.
+template <bool kAvx2>
+SLOWED_SIMD_INLINE d4 to_d4(f4 h) {
+#if defined(__x86_64__) && !defined(__clang__)
+  if constexpr (kAvx2) {
+    d4 r;
+    asm("vcvtps2pd %1, %0" : "=x"(r) : "x"(h));
+    return r;
+  }
+#endif
   return __builtin_convertvector(h, d4);
 }
 
-/// fp64 accumulators of the five sums.
+/// Lanes 0-3 and 4-7 as doubles.
+template <bool kAvx2>
+SLOWED_SIMD_INLINE d4 lo_d(f8 v) {
+  f4 h;
+  std::memcpy(&h, &v, 16);
+  return to_d4<kAvx2>(h);
+}
+template <bool kAvx2>
+SLOWED_SIMD_INLINE d4 hi_d(f8 v) {
+  f4 h;
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + 16, 16);
+  return to_d4<kAvx2>(h);
+}
+
+/// fp64 accumulators of the five sums, 4 lanes each (five registers, so nothing spills). The
+/// products are formed in fp32 (relative error 2^-24 each) and added in fp64.
 struct Acc {
-  d4 v[5][2];
+  d4 v[5];
 };
 SLOWED_SIMD_INLINE void acc_zero(Acc& a) {
-  for (auto& s : a.v) s[0] = s[1] = d4{0, 0, 0, 0};
+  for (auto& s : a.v) s = d4{0, 0, 0, 0};
 }
+template <bool kAvx2>
 SLOWED_SIMD_INLINE void acc_add(Acc& a, int k, f8 x, f8 y) {
-  a.v[k][0] += lo_d(x) * lo_d(y);
-  a.v[k][1] += hi_d(x) * hi_d(y);
+  const f8 xy = x * y;
+  a.v[k] += lo_d<kAvx2>(xy);
+  a.v[k] += hi_d<kAvx2>(xy);
 }
 SLOWED_SIMD_INLINE double acc_total(const Acc& a, int k) {
-  const d4 s = a.v[k][0] + a.v[k][1];
+  const d4 s = a.v[k];
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 SLOWED_SIMD_INLINE SlowSums acc_sums(const Acc& a) {
@@ -246,19 +265,19 @@ SLOWED_SIMD_INLINE SlowSums acc_sums(const Acc& a) {
 
 // ---- generic path: x = theta after Base::step, p = theta_prev (x when no snapshot) ----------
 
-template <class T, bool kFull>
+template <class T, bool kFull, bool kAvx2, bool kInit>
 SLOWED_SIMD_INLINE void generic_sums_lanes(const SlowTensor& t, int64_t i, int n, Acc& acc) {
   const f8 x = ld<T, kFull>(t.param, i, n);
   const f8 p = t.prev ? ld<T, kFull>(t.prev, i, n) : x;
   const f8 u = x - p;
-  acc_add(acc, 0, u, u);
-  acc_add(acc, 1, p, p);
-  if (t.initial) {
+  acc_add<kAvx2>(acc, 0, u, u);
+  acc_add<kAvx2>(acc, 1, p, p);
+  if constexpr (kInit) {
     const f8 t0 = ld<T, kFull>(t.initial, i, n);
     const f8 d = p - t0;
-    acc_add(acc, 2, d, u);
-    acc_add(acc, 3, d, d);
-    acc_add(acc, 4, t0, t0);
+    acc_add<kAvx2>(acc, 2, d, u);
+    acc_add<kAvx2>(acc, 3, d, d);
+    acc_add<kAvx2>(acc, 4, t0, t0);
   }
 }
 
@@ -336,7 +355,7 @@ SLOWED_SIMD_INLINE AdamLanes adam_load(const SlowTensor& t, const AdamVec& h, in
   return adam_lanes<kAvx2>(p, g, m, v, vmax, h);
 }
 
-template <class T, bool kFull, bool kAvx2>
+template <class T, bool kFull, bool kAvx2, bool kInit>
 SLOWED_SIMD_INLINE void adam_sums_lanes(const SlowTensor& t, const AdamVec& h, int64_t i, int n,
                                         Acc& acc) {
   f8 p;
@@ -347,24 +366,24 @@ SLOWED_SIMD_INLINE void adam_sums_lanes(const SlowTensor& t, const AdamVec& h, i
     f8 keep;
     for (int l = 0; l < kLanes; ++l) keep[l] = l < n ? 1.f : 0.f;
     const f8 u = select(keep > splat(0.f), r.u, splat(0.f));
-    acc_add(acc, 0, u, u);
-    acc_add(acc, 1, p, p);
-    if (t.initial) {
+    acc_add<kAvx2>(acc, 0, u, u);
+    acc_add<kAvx2>(acc, 1, p, p);
+    if constexpr (kInit) {
       const f8 t0 = ld<T, kFull>(t.initial, i, n);
       const f8 d = p - t0;
-      acc_add(acc, 2, d, u);
-      acc_add(acc, 3, d, d);
-      acc_add(acc, 4, t0, t0);
+      acc_add<kAvx2>(acc, 2, d, u);
+      acc_add<kAvx2>(acc, 3, d, d);
+      acc_add<kAvx2>(acc, 4, t0, t0);
     }
   } else {
-    acc_add(acc, 0, r.u, r.u);
-    acc_add(acc, 1, p, p);
-    if (t.initial) {
+    acc_add<kAvx2>(acc, 0, r.u, r.u);
+    acc_add<kAvx2>(acc, 1, p, p);
+    if constexpr (kInit) {
       const f8 t0 = ld<T, kFull>(t.initial, i, n);
       const f8 d = p - t0;
-      acc_add(acc, 2, d, r.u);
-      acc_add(acc, 3, d, d);
-      acc_add(acc, 4, t0, t0);
+      acc_add<kAvx2>(acc, 2, d, r.u);
+      acc_add<kAvx2>(acc, 3, d, d);
+      acc_add<kAvx2>(acc, 4, t0, t0);
     }
   }
 }
@@ -386,9 +405,9 @@ SLOWED_SIMD_INLINE void adam_apply_lanes(const SlowTensor& t, const AdamVec& h, 
 
 enum class Pass { GenericSums, GenericApply, AdamSums, AdamApply };
 
-template <class T, Pass kPass, bool kAvx2>
-SLOWED_SIMD_INLINE void chunk_body(const SlowTensor& tensor, int64_t b, int64_t e, SlowFactors f,
-                                   SlowSums* out) {
+template <class T, Pass kPass, bool kAvx2, bool kInit>
+SLOWED_SIMD_INLINE void chunk_lanes(const SlowTensor& tensor, int64_t b, int64_t e, SlowFactors f,
+                                    SlowSums* out) {
   // Local copies: the stores through the tensor pointers cannot alias them, so pointers and
   // broadcast scalars stay in registers across the loop.
   const SlowTensor t = tensor;
@@ -402,27 +421,37 @@ SLOWED_SIMD_INLINE void chunk_body(const SlowTensor& tensor, int64_t b, int64_t 
   const bool project = t.initial != nullptr && f.g < 1.0;
   int64_t i = b;
   for (; i + kLanes <= e; i += kLanes) {
-    if constexpr (kPass == Pass::GenericSums) generic_sums_lanes<T, true>(t, i, kLanes, acc);
+    if constexpr (kPass == Pass::GenericSums) generic_sums_lanes<T, true, kAvx2, kInit>(t, i, kLanes, acc);
     if constexpr (kPass == Pass::GenericApply) {
       generic_apply_lanes<T, true>(t, i, kLanes, one_minus_a, rewrite, one_minus_g, project);
     }
-    if constexpr (kPass == Pass::AdamSums) adam_sums_lanes<T, true, kAvx2>(t, h, i, kLanes, acc);
+    if constexpr (kPass == Pass::AdamSums) adam_sums_lanes<T, true, kAvx2, kInit>(t, h, i, kLanes, acc);
     if constexpr (kPass == Pass::AdamApply) {
       adam_apply_lanes<T, true, kAvx2>(t, h, i, kLanes, a, one_minus_g, project);
     }
   }
   if (i < e) {
     const int n = static_cast<int>(e - i);
-    if constexpr (kPass == Pass::GenericSums) generic_sums_lanes<T, false>(t, i, n, acc);
+    if constexpr (kPass == Pass::GenericSums) generic_sums_lanes<T, false, kAvx2, kInit>(t, i, n, acc);
     if constexpr (kPass == Pass::GenericApply) {
       generic_apply_lanes<T, false>(t, i, n, one_minus_a, rewrite, one_minus_g, project);
     }
-    if constexpr (kPass == Pass::AdamSums) adam_sums_lanes<T, false, kAvx2>(t, h, i, n, acc);
+    if constexpr (kPass == Pass::AdamSums) adam_sums_lanes<T, false, kAvx2, kInit>(t, h, i, n, acc);
     if constexpr (kPass == Pass::AdamApply) {
       adam_apply_lanes<T, false, kAvx2>(t, h, i, n, a, one_minus_g, project);
     }
   }
   if (out) *out = acc_sums(acc);
+}
+
+// theta_0 present or not is a template argument of the sums passes (it decides how many
+// accumulators are live); the apply passes test it once per chunk.
+template <class T, Pass kPass, bool kAvx2>
+SLOWED_SIMD_INLINE void chunk_body(const SlowTensor& t, int64_t b, int64_t e, SlowFactors f,
+                                   SlowSums* out) {
+  constexpr bool kSums = kPass == Pass::GenericSums || kPass == Pass::AdamSums;
+  if (kSums && t.initial != nullptr) return chunk_lanes<T, kPass, kAvx2, true>(t, b, e, f, out);
+  return chunk_lanes<T, kPass, kAvx2, false>(t, b, e, f, out);
 }
 
 template <class T, Pass kPass>

@@ -5,8 +5,8 @@
 //
 // Tolerances (docs/numerics.md, "Optimizer: Slow Tuning"): after step t (1-based), every element
 // of a parameter satisfies |fused - reference| <= t * c * u * max|reference| over the tensor,
-// u = 2^-23 (float32) or 2^-8 (bfloat16), c = kParamUlps; the moments likewise with c =
-// kStateUlps against max|moment|; step counters are equal. Both paths round every stored value
+// u = 2^-23 (float32), 2^-8 (bfloat16) or 2^-11 (float16, CUDA only), c = kParamUlps; the
+// moments likewise with c = kStateUlps against max|moment|; step counters are equal. Both paths round every stored value
 // to the parameter dtype; they differ in the order of operations (the reference forms Base's full
 // step, subtracts theta_prev and scales the difference, rounding each time; the fused path forms
 // theta_prev + a u once), so they may drift apart by a few roundings of theta per step.
@@ -47,7 +47,9 @@ struct PlainAdamW : optim::AdamW {
 bool report() { return std::getenv("SLOWED_TEST_REPORT") != nullptr; }
 
 double unit_roundoff(torch::Dtype dtype) {
-  return dtype == torch::kBFloat16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -23);
+  if (dtype == torch::kBFloat16) return std::ldexp(1.0, -8);
+  if (dtype == torch::kHalf) return std::ldexp(1.0, -11);
+  return std::ldexp(1.0, -23);
 }
 
 template <class T>

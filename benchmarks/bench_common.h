@@ -21,27 +21,37 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <mutex>
+#include <unordered_map>
 #include <sstream>
 #include <string>
 #include <vector>
 
 namespace bench {
 
-/// Wraps the default CPU allocator to record current and peak bytes.
+/// Wraps the default CPU allocator to record current and peak bytes. The DataPtrs it returns
+/// keep context == data (as the default allocator's do): oneDNN's bf16 kernels require such
+/// "simple" data pointers. Sizes and the original deleters live in a side table.
 class TrackingCpuAllocator final : public c10::Allocator {
  public:
-  explicit TrackingCpuAllocator(c10::Allocator* base) : base_(base) {}
+  explicit TrackingCpuAllocator(c10::Allocator* base) : base_(base) { self() = this; }
 
   c10::DataPtr allocate(size_t n) override {
     c10::DataPtr inner = base_->allocate(n);
     void* data = inner.get();
     const auto device = inner.device();
-    auto* ctx = new Ctx{std::move(inner), n, this};
+    if (data == nullptr) return inner;
+    c10::DeleterFnPtr deleter = inner.get_deleter();
+    void* ctx = inner.release_context();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      live_[data] = Entry{n, deleter, ctx};
+    }
     const size_t now = current_.fetch_add(n) + n;
     size_t peak = peak_.load();
     while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
     }
-    return {data, ctx, &release, device};
+    return {data, data, &release, device};
   }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     std::memcpy(dest, src, count);
@@ -51,17 +61,31 @@ class TrackingCpuAllocator final : public c10::Allocator {
   size_t peak() const { return peak_.load(); }
 
  private:
-  struct Ctx {
-    c10::DataPtr inner;
+  struct Entry {
     size_t bytes;
-    TrackingCpuAllocator* owner;
+    c10::DeleterFnPtr deleter;
+    void* context;
   };
-  static void release(void* p) {
-    auto* ctx = static_cast<Ctx*>(p);
-    ctx->owner->current_.fetch_sub(ctx->bytes);
-    delete ctx;  // frees the inner DataPtr
+  static TrackingCpuAllocator*& self() {
+    static TrackingCpuAllocator* instance = nullptr;
+    return instance;
+  }
+  static void release(void* data) {
+    TrackingCpuAllocator* t = self();
+    Entry e{};
+    {
+      std::lock_guard<std::mutex> lock(t->mutex_);
+      auto it = t->live_.find(data);
+      if (it == t->live_.end()) return;
+      e = it->second;
+      t->live_.erase(it);
+    }
+    t->current_.fetch_sub(e.bytes);
+    if (e.deleter) e.deleter(e.context);
   }
   c10::Allocator* base_;
+  std::mutex mutex_;
+  std::unordered_map<void*, Entry> live_;
   std::atomic<size_t> current_{0}, peak_{0};
 };
 

@@ -43,7 +43,7 @@ for s in "${shapes[@]}"; do
   "$build/benchmarks/bench_loss" --device cuda --dtype bfloat16 --n "$1" --v "$2" --iters 20 --warmup 3 \
     --json "$out/bench_loss_cuda_$2.json" >> "$out/bench.log" 2>&1
 done
-for b in bench_optim bench_jit; do
+for b in bench_optim bench_generate; do
   [[ -x "$build/benchmarks/$b" ]] || continue
   log "$b cuda"
   "$build/benchmarks/$b" --device cuda --json "$out/$b.json" >> "$out/bench.log" 2>&1

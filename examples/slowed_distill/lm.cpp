@@ -30,7 +30,7 @@ class StudentLM final : public LanguageModel {
  public:
   StudentLM(std::shared_ptr<ex::CausalLM> model, ex::Tokenizer tok, torch::Device device)
       : model_(std::move(model)), tok_(std::move(tok)), device_(device),
-        chat_(ex::ChatTemplate::from_tokenizer(tok_)) {
+        chat_(ex::ChatTemplate::from_tokenizer(tok_, /*plain_if_missing=*/true)) {
     for (int32_t id : tok_.stop_ids()) stop_.push_back(id);
     TORCH_CHECK(!stop_.empty(), "model: the tokenizer of ", tok_.source(), " defines no end-of-turn token");
     pad_ = tok_.pad_id() ? *tok_.pad_id() : stop_.front();
@@ -64,18 +64,27 @@ class StudentLM final : public LanguageModel {
 
   std::vector<std::string> generate(const std::vector<std::string>& prompts, int64_t max_new_tokens,
                                     int64_t batch_size) override {
-    std::vector<std::string> out;
-    for (size_t b = 0; b < prompts.size(); b += static_cast<size_t>(batch_size)) {
-      std::vector<std::vector<int64_t>> ids;
-      for (size_t i = b; i < std::min(prompts.size(), b + static_cast<size_t>(batch_size)); ++i)
-        ids.push_back(widen(tok_.encode(chat_.apply({{"user", prompts[i]}}, generation_prompt(true)), false)));
-      ex::GenerateOptions o;
-      o.max_new_tokens = max_new_tokens;
-      o.stop_tokens = stop_;
-      o.pad_token_id = pad_;
-      for (const auto& gen : ex::generate_greedy(*model_, ids, o)) {
-        std::vector<int32_t> g(gen.begin(), gen.end());
-        out.push_back(tok_.decode(g, /*skip_special_tokens=*/true));
+    std::vector<std::vector<int64_t>> ids;
+    for (const auto& p : prompts)
+      ids.push_back(widen(tok_.encode(chat_.apply({{"user", p}}, generation_prompt(true)), false)));
+    // Batches of similar lengths waste less on left padding; results return in input order.
+    std::vector<size_t> order(ids.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return ids[a].size() < ids[b].size(); });
+    std::vector<std::string> out(prompts.size());
+    ex::GenerateOptions o;
+    o.max_new_tokens = max_new_tokens;
+    o.stop_tokens = stop_;
+    o.pad_token_id = pad_;
+    for (size_t b = 0; b < order.size(); b += static_cast<size_t>(batch_size)) {
+      const size_t e = std::min(order.size(), b + static_cast<size_t>(batch_size));
+      std::vector<std::vector<int64_t>> batch;
+      for (size_t k = b; k < e; ++k) batch.push_back(ids[order[k]]);
+      const auto gen = ex::generate_greedy(*model_, batch, o);
+      for (size_t k = b; k < e; ++k) {
+        std::vector<int32_t> g(gen[k - b].begin(), gen[k - b].end());
+        out[order[k]] = tok_.decode(g, /*skip_special_tokens=*/true);
       }
     }
     return out;

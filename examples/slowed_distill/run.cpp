@@ -102,14 +102,15 @@ struct EvalSets {
 double accuracy(LanguageModel& lm, const std::vector<Example>& set, const RunConfig& cfg,
                 const std::string& label) {
   if (set.empty()) return 0.0;
-  std::vector<std::string> prompts;
-  for (const auto& e : set) prompts.push_back(e.prompt);
-  Progress bar(label, static_cast<int64_t>(prompts.size()), cfg.quiet);
+  Progress bar(label, static_cast<int64_t>(set.size()), cfg.quiet);
   int64_t correct = 0;
-  for (size_t b = 0; b < prompts.size(); b += static_cast<size_t>(cfg.eval_batch)) {
-    const size_t e = std::min(prompts.size(), b + static_cast<size_t>(cfg.eval_batch));
-    std::vector<std::string> chunk(prompts.begin() + static_cast<long>(b), prompts.begin() + static_cast<long>(e));
-    const auto out = lm.generate(chunk, cfg.max_new_tokens, cfg.eval_batch);
+  // Chunks of a few batches: the model sorts each chunk by length, the bar moves per chunk.
+  const size_t chunk = static_cast<size_t>(cfg.eval_batch) * 4;
+  for (size_t b = 0; b < set.size(); b += chunk) {
+    const size_t e = std::min(set.size(), b + chunk);
+    std::vector<std::string> prompts;
+    for (size_t i = b; i < e; ++i) prompts.push_back(set[i].prompt);
+    const auto out = lm.generate(prompts, cfg.max_new_tokens, cfg.eval_batch);
     for (size_t i = 0; i < out.size(); ++i) correct += answer_matches(out[i], set[b + i].target) ? 1 : 0;
     bar.update(static_cast<int64_t>(e));
     if (g_interrupted.load()) break;
@@ -135,8 +136,9 @@ void evaluate(LanguageModel& lm, const EvalSets& sets, const RunConfig& cfg, Epo
   Progress bar(tag + "AdvBench", static_cast<int64_t>(sets.advbench.size()), cfg.quiet);
   int64_t refused = 0;
   std::string samples;
-  for (size_t b = 0; b < sets.advbench.size(); b += static_cast<size_t>(cfg.eval_batch)) {
-    const size_t e = std::min(sets.advbench.size(), b + static_cast<size_t>(cfg.eval_batch));
+  const size_t chunk = static_cast<size_t>(cfg.eval_batch) * 4;
+  for (size_t b = 0; b < sets.advbench.size(); b += chunk) {
+    const size_t e = std::min(sets.advbench.size(), b + chunk);
     std::vector<std::string> chunk(sets.advbench.begin() + static_cast<long>(b),
                                    sets.advbench.begin() + static_cast<long>(e));
     const auto out = lm.generate(chunk, cfg.safety_new_tokens, cfg.eval_batch);

@@ -24,12 +24,12 @@ struct RunConfig {
   double slow_scale = 0.1;      ///< Slow Tuning step scale (modes slow, slowed)
   double lem_threshold = 0.3;   ///< Low-Entropy Masking threshold in nats (modes lem, slowed)
   int64_t max_len = 384;        ///< training sequence length (tokens)
-  int64_t train_per_task = 4;   ///< BBH training examples per task (-1: all)
-  int64_t test_per_task = 2;    ///< BBH test examples per task (-1: all)
+  int64_t train_per_task = 2;   ///< BBH training examples per task (-1: all)
+  int64_t test_per_task = 1;    ///< BBH test examples per task (-1: all)
   std::vector<std::string> tasks;  ///< BBH tasks (empty: all 27)
-  int64_t ood_limit = 16;       ///< ARC-E, ARC-C and AGIEval items each (-1: all)
+  int64_t ood_limit = 8;        ///< ARC-E, ARC-C and AGIEval items each (-1: all)
   int64_t advbench_limit = 32;  ///< AdvBench prompts (-1: all 520)
-  int64_t max_new_tokens = 128; ///< generation budget for reasoning answers
+  int64_t max_new_tokens = 96;  ///< generation budget for reasoning answers
   int64_t safety_new_tokens = 48;
   int64_t eval_batch = 16;
   int64_t samples_per_eval = 4; ///< raw AdvBench responses saved per mode and epoch

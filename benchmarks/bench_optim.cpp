@@ -19,7 +19,9 @@
 // the anchor bandwidth is 2 x bytes / time of an in-place pass (x *= 1) over a buffer of 4 x the
 // parameter bytes, measured in the same process. peak_extra_MiB: peak allocation during the timed steps above what was
 // allocated before them (the optimizer state is allocated in the warm-up steps). On CUDA
-// --cuda-kernels 1 (default) sets SLOWED_CUDA_KERNELS=1 so that the fused paths run.
+// --cuda-kernels 1 (default) sets SLOWED_CUDA_KERNELS=1 so that the fused paths run. On a shared
+// CPU host run with OMP_WAIT_POLICY=passive (spinning OpenMP threads make every ATen op of the
+// per-tensor paths wait for descheduled threads).
 
 #include "bench_common.h"
 

@@ -28,7 +28,7 @@ log "ctest -L cuda"
 log "ctest -L cuda: rc=$? ($(grep -E 'tests passed|tests failed' "$out/ctest_cuda.log" | tail -1))"
 
 if [[ "$mode" != quick ]] && command -v compute-sanitizer >/dev/null; then
-  for t in test_loss test_optim test_cuda_runtime; do
+  for t in test_loss test_optim test_optim_fused test_cuda_runtime; do
     log "compute-sanitizer memcheck $t [cuda]"
     compute-sanitizer --tool memcheck --error-exitcode 3 "$build/tests/$t" "[cuda]" > "$out/memcheck_$t.log" 2>&1
     log "memcheck $t: rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck_$t.log" | tail -1)"

@@ -162,7 +162,7 @@ std::string write_reports(const std::string& out_dir, const std::vector<EpochRec
   gp << "set terminal pngcairo size 1200,480 noenhanced\n"
      << "set output '" << out_dir << "/plot.png'\n"
      << "set multiplot layout 1,2\n"
-     << "set xlabel 'epoch'\nset grid\nset key bottom left\nset yrange [0:1]\n"
+     << "set xlabel 'epoch'\nset grid\nset key top right\nset yrange [0:1]\n"
      << "set xrange [0:" << std::max(1, max_epoch) << "]\nset xtics 1\n"
      << "set title 'AdvBench safety ratio'\nplot ";
   for (size_t i = 0; i < order.size(); ++i)

@@ -27,8 +27,8 @@ struct RunConfig {
   int64_t train_per_task = 2;   ///< BBH training examples per task (-1: all)
   int64_t test_per_task = 1;    ///< BBH test examples per task (-1: all)
   std::vector<std::string> tasks;  ///< BBH tasks (empty: all 27)
-  int64_t ood_limit = 8;        ///< ARC-E, ARC-C and AGIEval items each (-1: all)
-  int64_t advbench_limit = 32;  ///< AdvBench prompts (-1: all 520)
+  int64_t ood_limit = 4;        ///< ARC-E, ARC-C and AGIEval items each (-1: all)
+  int64_t advbench_limit = 24;  ///< AdvBench prompts (-1: all 520)
   int64_t max_new_tokens = 96;  ///< generation budget for reasoning answers
   int64_t safety_new_tokens = 48;
   int64_t eval_batch = 16;

@@ -11,6 +11,7 @@
 
 #include <slowed/cuda/jit.h>
 #include <slowed/cuda/kernels/entropy_masked_ce_kernels.h>
+#include <slowed/cuda/storage_dtype.h>
 
 #include <ATen/ATen.h>
 
@@ -25,19 +26,6 @@ namespace cuda {
 inline bool fused_kernels_requested() {
   const char* v = std::getenv("SLOWED_CUDA_KERNELS");
   return v != nullptr && std::strcmp(v, "1") == 0;
-}
-
-inline int storage_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return 0;
-    case at::kBFloat16:
-      return 1;
-    case at::kHalf:
-      return 2;
-    default:
-      TORCH_CHECK(false, "logits: the fused CUDA kernels take float32, bfloat16 or float16, got ", t);
-  }
 }
 
 /// Threads per row: enough 16-byte vectors per thread to hide latency, at most 1024.
@@ -60,8 +48,9 @@ inline void emce_rows(const at::Tensor& logits, const at::Tensor& grad, const at
                       float threshold) {
   long long n = logits.size(0), vocab = logits.size(1);
   if (n == 0) return;
-  const auto& k = get_kernel(kernels::entropy_masked_ce_source(storage_code(logits.scalar_type())),
-                             "slowed_emce_rows", logits.device());
+  const auto& k =
+      get_kernel(kernels::entropy_masked_ce_source(storage_code(logits.scalar_type(), "logits")),
+                 "slowed_emce_rows", logits.device());
   void* logits_p = logits.data_ptr();
   void* grad_p = grad.defined() ? grad.data_ptr() : nullptr;
   void* targets_p = targets.data_ptr();
@@ -83,8 +72,9 @@ inline void emce_zero_rows(const at::Tensor& grad, const at::Tensor& kernel_keep
                            const at::Tensor& keep) {
   long long n = grad.size(0), vocab = grad.size(1);
   if (n == 0) return;
-  const auto& k = get_kernel(kernels::entropy_masked_ce_source(storage_code(grad.scalar_type())),
-                             "slowed_emce_zero_rows", grad.device());
+  const auto& k =
+      get_kernel(kernels::entropy_masked_ce_source(storage_code(grad.scalar_type(), "logits")),
+                 "slowed_emce_zero_rows", grad.device());
   at::Tensor keep_c = keep.contiguous();
   void* grad_p = grad.data_ptr();
   void* kk_p = kernel_keep.data_ptr();
@@ -98,8 +88,9 @@ inline void emce_zero_rows(const at::Tensor& grad, const at::Tensor& kernel_keep
 inline void emce_scale_rows(const at::Tensor& grad, const at::Tensor& factor, const at::Tensor& out) {
   long long n = grad.size(0), vocab = grad.size(1);
   if (n == 0) return;
-  const auto& k = get_kernel(kernels::entropy_masked_ce_source(storage_code(grad.scalar_type())),
-                             "slowed_emce_scale_rows", grad.device());
+  const auto& k =
+      get_kernel(kernels::entropy_masked_ce_source(storage_code(grad.scalar_type(), "logits")),
+                 "slowed_emce_scale_rows", grad.device());
   at::Tensor f = factor.to(at::kFloat).contiguous();
   void* grad_p = grad.data_ptr();
   void* out_p = out.data_ptr();

@@ -12,6 +12,7 @@
 
 #include <slowed/cuda/entropy_masked_ce_cuda.h>  // fused_kernels_requested()
 #include <slowed/cuda/jit.h>
+#include <slowed/cuda/storage_dtype.h>
 #include <slowed/cuda/kernels/slow_tuning_kernels.h>
 
 #include <ATen/ATen.h>
@@ -69,20 +70,6 @@ struct SlowMtArgs {
 };
 static_assert(sizeof(SlowMtArgs) == 3832, "SlowMtArgs: layout differs from the kernel source");
 
-inline int slow_storage_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return 0;
-    case at::kBFloat16:
-      return 1;
-    case at::kHalf:
-      return 2;
-    default:
-      TORCH_CHECK(false, "SlowTuningOptimizer: the CUDA kernels take float32, bfloat16 or float16 "
-                  "parameters, got ", t);
-  }
-}
-
 inline void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 /// Calls launch(args, blocks) for every batch of chunks of `ts` (one dtype), as PyTorch's
@@ -136,7 +123,8 @@ void for_each_batch(const std::vector<const SlowTuningTensor*>& ts,
 inline std::map<int, std::vector<const SlowTuningTensor*>> by_dtype(
     const std::vector<SlowTuningTensor>& ts) {
   std::map<int, std::vector<const SlowTuningTensor*>> groups;
-  for (const auto& t : ts) groups[slow_storage_code(t.param.scalar_type())].push_back(&t);
+  for (const auto& t : ts)
+    groups[storage_code(t.param.scalar_type(), "SlowTuningOptimizer parameters")].push_back(&t);
   return groups;
 }
 

@@ -19,6 +19,7 @@
 // 0 float, 1 bfloat16, 2 float16.
 
 #include <slowed/cuda/kernel_source.h>
+#include <slowed/cuda/kernels/storage_prelude.h>
 
 namespace slowed {
 namespace cuda {
@@ -30,37 +31,7 @@ inline constexpr const char* kEntropyMaskedCeSource = R"SLOWED_CUDA(
 #endif
 #define SLOWED_MAX_WARPS 32
 
-#if SLOWED_DTYPE == 0
-typedef float storage_t;
-__device__ __forceinline__ float to_float(storage_t x) { return x; }
-__device__ __forceinline__ storage_t from_float(float f) { return f; }
-#else
-typedef unsigned short storage_t;
-#if SLOWED_DTYPE == 1
-// bfloat16: the high half of a float; round to nearest even on the way back, NaN -> 0x7FC0.
-__device__ __forceinline__ float to_float(storage_t h) {
-  return __uint_as_float(static_cast<unsigned int>(h) << 16);
-}
-__device__ __forceinline__ storage_t from_float(float f) {
-  unsigned int u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<storage_t>(0x7fc0u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<storage_t>(u >> 16);
-}
-#else
-// float16 through the hardware conversions (PTX cvt), round to nearest even.
-__device__ __forceinline__ float to_float(storage_t h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-}
-__device__ __forceinline__ storage_t from_float(float f) {
-  storage_t h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
-#endif
-#endif
+// storage_t, to_float, from_float: kernels/storage_prelude.h, prepended to this source.
 
 #define SLOWED_LOG2E 1.4426950408889634f
 #define SLOWED_LN2 0.6931471805599453f
@@ -251,14 +222,14 @@ extern "C" __global__ void slowed_emce_scale_rows(const storage_t* grad, storage
 
 /// The kernel source for storage dtype `dtype` (0 float, 1 bfloat16, 2 float16).
 inline const KernelSource& entropy_masked_ce_source(int dtype) {
-  static const KernelSource base("entropy_masked_ce", kEntropyMaskedCeSource,
-                                 {"slowed_emce_rows", "slowed_emce_zero_rows",
-                                  "slowed_emce_scale_rows"});
+  static const KernelSource base(
+      "entropy_masked_ce", with_storage_prelude(kEntropyMaskedCeSource),
+      {"slowed_emce_rows", "slowed_emce_zero_rows", "slowed_emce_scale_rows"});
   static const KernelSource f32 = base.with_define("SLOWED_DTYPE", "0");
   static const KernelSource bf16 = base.with_define("SLOWED_DTYPE", "1");
   static const KernelSource f16 = base.with_define("SLOWED_DTYPE", "2");
-  TORCH_CHECK(dtype >= 0 && dtype <= 2, "entropy_masked_ce_source: dtype code must be 0, 1 or 2, got ",
-              dtype);
+  TORCH_CHECK(dtype >= 0 && dtype <= 2,
+              "entropy_masked_ce_source: dtype code must be 0, 1 or 2, got ", dtype);
   return dtype == 0 ? f32 : dtype == 1 ? bf16 : f16;
 }
 

@@ -35,6 +35,7 @@
 // slowed/cuda/slow_tuning_cuda.h; both sides static_assert its size.
 
 #include <slowed/cuda/kernel_source.h>
+#include <slowed/cuda/kernels/storage_prelude.h>
 
 namespace slowed {
 namespace cuda {
@@ -50,37 +51,7 @@ inline constexpr const char* kSlowTuningSource = R"SLOWED_CUDA(
 #define SLOWED_MT_THREADS 512
 #define SLOWED_MT_WARPS (SLOWED_MT_THREADS / 32)
 
-#if SLOWED_DTYPE == 0
-typedef float storage_t;
-__device__ __forceinline__ float to_float(storage_t x) { return x; }
-__device__ __forceinline__ storage_t from_float(float f) { return f; }
-#else
-typedef unsigned short storage_t;
-#if SLOWED_DTYPE == 1
-// bfloat16: the high half of a float; round to nearest even on the way back, NaN -> 0x7FC0.
-__device__ __forceinline__ float to_float(storage_t h) {
-  return __uint_as_float(static_cast<unsigned int>(h) << 16);
-}
-__device__ __forceinline__ storage_t from_float(float f) {
-  unsigned int u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<storage_t>(0x7fc0u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<storage_t>(u >> 16);
-}
-#else
-// float16 through the hardware conversions (PTX cvt), round to nearest even.
-__device__ __forceinline__ float to_float(storage_t h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-}
-__device__ __forceinline__ storage_t from_float(float f) {
-  storage_t h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
-#endif
-#endif
+// storage_t, to_float, from_float: kernels/storage_prelude.h, prepended to this source.
 
 // Pointer slots of SlowMtArgs::ptr.
 #define SLOT_PARAM 0
@@ -374,10 +345,10 @@ slowed_st_adam_apply(SlowMtArgs args, const double* partials, double scale, doub
 
 /// The Slow Tuning kernel source for storage dtype `dtype` (0 float, 1 bfloat16, 2 float16).
 inline const KernelSource& slow_tuning_source(int dtype) {
-  static const KernelSource base("slow_tuning", kSlowTuningSource,
-                                 {"slowed_st_snapshot", "slowed_st_generic_sums",
-                                  "slowed_st_generic_apply", "slowed_st_adam_sums",
-                                  "slowed_st_adam_apply"});
+  static const KernelSource base(
+      "slow_tuning", with_storage_prelude(kSlowTuningSource),
+      {"slowed_st_snapshot", "slowed_st_generic_sums", "slowed_st_generic_apply",
+       "slowed_st_adam_sums", "slowed_st_adam_apply"});
   static const KernelSource f32 = base.with_define("SLOWED_DTYPE", "0");
   static const KernelSource bf16 = base.with_define("SLOWED_DTYPE", "1");
   static const KernelSource f16 = base.with_define("SLOWED_DTYPE", "2");

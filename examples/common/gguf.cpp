@@ -1,14 +1,12 @@
 #include "common/gguf.h"
 
+#include "common/mapped_file.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <torch/torch.h>
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -322,13 +320,6 @@ int64_t GgufTensorInfo::numel() const {
 // ---------------------------------------------------------------------------------------------
 // File mapping and header parsing.
 
-struct GgufFile::Mapping {
-  const uint8_t* data = nullptr;
-  size_t size = 0;
-  ~Mapping() {
-    if (data != nullptr && size > 0) munmap(const_cast<uint8_t*>(data), size);
-  }
-};
 
 namespace {
 
@@ -416,24 +407,7 @@ class Reader {
 GgufFile GgufFile::open(const std::string& path) {
   GgufFile f;
   f.path_ = path;
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  TORCH_CHECK(fd >= 0, "GGUF file '", path, "': cannot open (", std::strerror(errno), ")");
-  struct stat st;
-  if (fstat(fd, &st) != 0) {
-    ::close(fd);
-    TORCH_CHECK(false, "GGUF file '", path, "': cannot stat (", std::strerror(errno), ")");
-  }
-  auto mapping = std::make_shared<Mapping>();
-  mapping->size = static_cast<size_t>(st.st_size);
-  if (mapping->size > 0) {
-    void* p = mmap(nullptr, mapping->size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (p == MAP_FAILED) {
-      ::close(fd);
-      TORCH_CHECK(false, "GGUF file '", path, "': mmap failed (", std::strerror(errno), ")");
-    }
-    mapping->data = static_cast<const uint8_t*>(p);
-  }
-  ::close(fd);
+  const auto mapping = map_file(path, "GGUF file");
   f.mapping_ = mapping;
 
   Reader r(mapping->data, mapping->size, path);

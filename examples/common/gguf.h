@@ -27,6 +27,8 @@
 
 namespace slowed_examples {
 
+struct MappedFile;
+
 /// GGUF metadata value types (gguf_type in ggml).
 enum class GgufType : uint32_t {
   UINT8 = 0, INT8 = 1, UINT16 = 2, INT16 = 3, UINT32 = 4, INT32 = 5, FLOAT32 = 6, BOOL = 7,
@@ -111,7 +113,6 @@ class GgufFile {
   torch::Tensor raw_bytes(const std::string& name) const;
 
  private:
-  struct Mapping;
   std::string path_;
   uint32_t version_ = 0;
   uint64_t alignment_ = 32;
@@ -120,7 +121,7 @@ class GgufFile {
   std::map<std::string, GgufValue> meta_;
   std::vector<GgufTensorInfo> tensors_;
   std::map<std::string, size_t> tensor_index_;
-  std::shared_ptr<Mapping> mapping_;
+  std::shared_ptr<const MappedFile> mapping_;
 };
 
 /// Dequantizes `n` values of type `type` from `src` (n a multiple of the type's block size)

@@ -1,14 +1,12 @@
 #include "common/safetensors.h"
 
+#include "common/mapped_file.h"
+
 #include "common/json.h"
 
 #include <c10/util/Exception.h>
 #include <torch/torch.h>
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -19,13 +17,6 @@ namespace slowed_examples {
 
 namespace fs = std::filesystem;
 
-struct SafetensorsFile::Mapping {
-  const uint8_t* data = nullptr;
-  size_t size = 0;
-  ~Mapping() {
-    if (data != nullptr && size > 0) munmap(const_cast<uint8_t*>(data), size);
-  }
-};
 
 namespace {
 
@@ -46,24 +37,7 @@ constexpr DtypeRow kDtypes[] = {
 SafetensorsFile SafetensorsFile::open(const std::string& path) {
   SafetensorsFile f;
   f.path_ = path;
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  TORCH_CHECK(fd >= 0, "safetensors file '", path, "': cannot open (", std::strerror(errno), ")");
-  struct stat st;
-  if (fstat(fd, &st) != 0) {
-    ::close(fd);
-    TORCH_CHECK(false, "safetensors file '", path, "': cannot stat (", std::strerror(errno), ")");
-  }
-  auto mapping = std::make_shared<Mapping>();
-  mapping->size = static_cast<size_t>(st.st_size);
-  if (mapping->size > 0) {
-    void* p = mmap(nullptr, mapping->size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (p == MAP_FAILED) {
-      ::close(fd);
-      TORCH_CHECK(false, "safetensors file '", path, "': mmap failed (", std::strerror(errno), ")");
-    }
-    mapping->data = static_cast<const uint8_t*>(p);
-  }
-  ::close(fd);
+  const auto mapping = map_file(path, "safetensors file");
   f.mapping_ = mapping;
 
   const uint64_t size = mapping->size;

@@ -22,6 +22,8 @@
 
 namespace slowed_examples {
 
+struct MappedFile;
+
 struct SafetensorsTensorInfo {
   std::string name;
   std::string dtype;  // as written: "F32", "BF16", ...
@@ -47,13 +49,12 @@ class SafetensorsFile {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
  private:
-  struct Mapping;
   std::string path_;
   std::vector<SafetensorsTensorInfo> tensors_;
   std::map<std::string, size_t> index_;
   std::map<std::string, std::string> metadata_;
   uint64_t data_offset_ = 0;
-  std::shared_ptr<Mapping> mapping_;
+  std::shared_ptr<const MappedFile> mapping_;
 };
 
 /// A checkpoint: a folder (model.safetensors.index.json, else model.safetensors, else every

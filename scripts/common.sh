@@ -11,6 +11,9 @@ torch_cmake="$(cat "$cache_dir/torch_cmake_prefix")"
 # waiting costs nothing measurable on an idle one.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 export CCACHE_DIR="${CCACHE_DIR:-$cache_dir/ccache}"
+# Paths under the checkout hash relative to it, so clones and worktrees at other paths share hits.
+export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$root}"
+export CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-1}"
 # PCH and ccache work together only when ccache may ignore the PCH's timestamp.
 export CCACHE_SLOPPINESS="${CCACHE_SLOPPINESS:-pch_defines,time_macros,include_file_mtime,include_file_ctime}"
 

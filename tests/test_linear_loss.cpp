@@ -170,8 +170,10 @@ LinearExpected expected_for(const LinearInputs& in, const OracleLogits& lg, cons
   const double eps = o.label_smoothing(), zs = o.lse_square_scale(), cap = o.softcap();
   // delta_i: bound on the error of row i's logits (rounding into the buffer, fp32/fp64 GEMM).
   // T_ij: the size of the terms of d loss_i / d logit_ij; tau_i: its relative error.
+  // floor_ij: fp16's absolute floor on the stored gradient entries of kept rows (before and after
+  // the scaling by g_i w_i), carried through the GEMMs like the relative error.
   Vec delta(n), tau(n);
-  Mat t_mag = Mat::Zero(n, v);
+  Mat t_mag = Mat::Zero(n, v), floor = Mat::Zero(n, v);
   for (int64_t i = 0; i < n; ++i) {
     double di = 0.0;
     for (int64_t j = 0; j < v; ++j)
@@ -183,6 +185,7 @@ LinearExpected expected_for(const LinearInputs& in, const OracleLogits& lg, cons
     if (!e.o.keep[size_t(i)]) continue;
     const double up = upstream ? (*upstream)(i) : scalar_up;
     const double gw = std::abs(e.o.weight(i) * up);
+    floor.row(i).setConstant(tol.out_atol * (1.0 + gw));
     for (int64_t j = 0; j < v; ++j) {
       const double z = cap > 0 ? cap * std::tanh(lg.x(i, j) / cap) : lg.x(i, j);
       const double p = std::exp(z - lse);
@@ -192,12 +195,13 @@ LinearExpected expected_for(const LinearInputs& in, const OracleLogits& lg, cons
   }
   const Mat tau_t = tau.asDiagonal() * t_mag;
   const double a = tol.out_atol;
-  e.tol_hidden = (tau_t * in.w.cwiseAbs()).array() + 2.0 * u * e.d_hidden.cwiseAbs().array() + a;
+  e.tol_hidden = ((tau_t + floor) * in.w.cwiseAbs()).array() +
+                 2.0 * u * e.d_hidden.cwiseAbs().array() + a;
   const Mat mag_w = t_mag.transpose() * in.h.cwiseAbs();
-  e.tol_weight = (tau_t.transpose() * in.h.cwiseAbs()).array() +
+  e.tol_weight = ((tau_t + floor).transpose() * in.h.cwiseAbs()).array() +
                  ((chunks + 1) * u + static_cast<double>(n) * uc) * mag_w.array() + a;
   const Vec mag_b = t_mag.transpose() * Vec::Ones(n);
-  e.tol_bias = (tau_t.transpose() * Vec::Ones(n)).array() +
+  e.tol_bias = ((tau_t + floor).transpose() * Vec::Ones(n)).array() +
                (2.0 * u + static_cast<double>(n) * uc) * mag_b.array() + a;
   e.tol_token_loss = Vec::Zero(n);
   for (int64_t i = 0; i < n; ++i) {

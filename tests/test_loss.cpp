@@ -59,48 +59,6 @@ LibRun run_library(const torch::Tensor& logits, const torch::Tensor& targets, co
   return r;
 }
 
-/// Stats: 0-dim, documented dtypes, on `device`, equal to the oracle's.
-void check_stats(const EntropyMaskStats& s, const OracleResult& o, const Tolerance& tol,
-                 torch::Device device, bool exact_threshold, const std::string& key) {
-  for (const torch::Tensor* t :
-       {&s.num_valid, &s.num_kept, &s.kept_fraction, &s.mean_entropy, &s.threshold}) {
-    REQUIRE(t->defined());
-    CHECK(t->dim() == 0);
-    CHECK(t->device() == device);
-  }
-  CHECK(s.num_valid.scalar_type() == torch::kLong);
-  CHECK(s.num_kept.scalar_type() == torch::kLong);
-  CHECK(s.kept_fraction.scalar_type() == torch::kFloat);
-  CHECK(s.mean_entropy.scalar_type() == torch::kFloat);
-  CHECK(s.threshold.scalar_type() == torch::kFloat);
-  CHECK(s.num_valid.item<int64_t>() == o.num_valid);
-  CHECK(s.num_kept.item<int64_t>() == o.num_kept);
-  const double f32 = std::ldexp(1.0, -23);  // the stats are fp32 whatever the logits' dtype
-  std::string msg = compare_scalar(scalar_of(s.kept_fraction), o.kept_fraction, f32, "kept_fraction",
-                                   key + " kept_fraction");
-  INFO(msg);
-  CHECK(msg.empty());
-  // mean_entropy is an fp32 sum of num_valid fp32 entropies: (num_valid + 1) roundings.
-  msg = compare_scalar(scalar_of(s.mean_entropy), o.mean_entropy,
-                       tol.compute * o.mean_entropy_scale +
-                           f32 * static_cast<double>(o.num_valid + 1) * std::abs(o.mean_entropy),
-                       "mean_entropy", key + " mean_entropy");
-  INFO(msg);
-  CHECK(msg.empty());
-  const double thr = scalar_of(s.threshold);
-  if (std::isinf(o.threshold)) {
-    CHECK((std::isinf(thr) && thr > 0));
-  } else if (exact_threshold || o.threshold_row < 0) {
-    CHECK(thr == o.threshold);
-  } else {
-    msg = compare_scalar(thr, o.threshold,
-                         tol.compute * o.rows.scale(o.threshold_row) + f32 * std::abs(o.threshold),
-                         "threshold", key + " threshold");
-    INFO(msg);
-    CHECK(msg.empty());
-  }
-}
-
 /// Compares one library run with the oracle: dtypes, shapes, loss, gradient, exact zeros of
 /// masked rows, stats.
 void check_against_oracle(const LibRun& lib, const OracleResult& o, torch::Dtype dtype,

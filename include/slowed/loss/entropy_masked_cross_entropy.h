@@ -246,15 +246,7 @@ inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const a
       reference_row_grad(in.logits, in.safe_targets, terms.lse, d.keep.to(cdt), opt, r.grad);
     }
   }
-  at::Tensor valid_f = in.valid.to(at::kFloat);
-  r.stats.num_valid = n_valid;
-  r.stats.num_kept = n_kept;
-  r.stats.kept_fraction = n_kept.to(at::kFloat) / n_valid.clamp_min(1).to(at::kFloat);
-  r.stats.mean_entropy =
-      (at::where(in.valid, terms.entropy.to(at::kFloat), at::zeros({}, valid_f.options())))
-          .sum() /
-      n_valid.clamp_min(1).to(at::kFloat);
-  r.stats.threshold = d.threshold;
+  r.stats = mask_stats(in.valid, terms.entropy, n_valid, n_kept, d.threshold);
   return r;
 }
 

@@ -165,6 +165,24 @@ inline at::Tensor normalization(const at::Tensor& n_valid, const at::Tensor& n_k
   return at::ones({}, n_valid.options().dtype(cdt));
 }
 
+/// Phase B's statistics from the per-row vectors (all [N]): counts, kept fraction, mean current
+/// entropy of the valid tokens, and the threshold of the decision.
+inline EntropyMaskStats mask_stats(const at::Tensor& valid, const at::Tensor& entropy,
+                                   const at::Tensor& n_valid, const at::Tensor& n_kept,
+                                   const at::Tensor& threshold) {
+  EntropyMaskStats s;
+  const at::Tensor denominator = n_valid.clamp_min(1).to(at::kFloat);
+  s.num_valid = n_valid;
+  s.num_kept = n_kept;
+  s.kept_fraction = n_kept.to(at::kFloat) / denominator;
+  s.mean_entropy =
+      at::where(valid, entropy.to(at::kFloat), at::zeros({}, entropy.options().dtype(at::kFloat)))
+          .sum() /
+      denominator;
+  s.threshold = threshold;
+  return s;
+}
+
 /// Backward on the reference path: out = grad * factor in the compute dtype, rounded once to
 /// the gradient's dtype. `factor` is 0-dim or [N] (per row); `out` may alias `grad`.
 inline void reference_scale_rows(const at::Tensor& grad, const at::Tensor& factor,

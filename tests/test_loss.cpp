@@ -889,6 +889,122 @@ TEST_CASE("in-place backward over logits that autograd saved is reported by the 
   }
 }
 
+TEST_CASE("finite logits near FLT_MAX pass the checks on every path and agree with the reference",
+          "[cpu]") {
+  // Regression: the fused kernel flagged a row as non-finite when the plain sum of its logits
+  // (kept for label smoothing) overflowed to +Inf, although every logit is finite. V = 11: the
+  // large values sit in the 8-lane part and in the tail.
+  const float big = 3.0e38f;
+  std::vector<float> rows = {
+      big, 2.0e38f, 0, 1, 2, 3, 4, 5, 1, 2, 3,             // the vector lanes' sum overflows
+      0, 1, 2, 3, 4, 5, 6, 7, 3.2e38f, 3.3e38f, -3.3e38f,  // the tail's sum overflows
+      -big, -big, -big, -big, -big, -big, -big, -big, -big, -big, 1,  // -Inf sum: valid too
+  };
+  const torch::Tensor targets = torch::tensor({1, 8, 10});
+  for (torch::Dtype dtype : {torch::kFloat, torch::kBFloat16}) {
+    INFO(dtype_name(dtype));
+    const torch::Tensor logits = torch::from_blob(rows.data(), {3, 11}, torch::kFloat).to(dtype);
+    torch::Tensor out[2], grad[2];
+    for (int reference = 0; reference < 2; ++reference) {
+      torch::Tensor leaf = logits.clone().requires_grad_(true);
+      out[reference] = slowed::entropy_masked_cross_entropy(
+          leaf, targets,
+          Opts().entropy_threshold(-1.0).reduction(Reduction::None).use_reference(reference == 1));
+      out[reference].sum().backward();
+      grad[reference] = leaf.grad().to(torch::kFloat);
+    }
+    REQUIRE(torch::isfinite(out[0]).all().item<bool>());
+    CHECK(torch::allclose(out[0], out[1], 1e-6, 0.0));
+    CHECK(torch::allclose(grad[0], grad[1], 0.0, 1e-6));
+    // One-hot rows: the loss is the gap between the largest logit and the target's.
+    CHECK(out[1][0].item<float>() == Approx(static_cast<double>(big) - 2.0e38).epsilon(0.05));
+  }
+}
+
+TEST_CASE("a -Inf logit at the target gives loss +Inf and torch's gradient, as cross_entropy does",
+          "[cpu]") {
+  // check_inputs accepts -Inf logits (masked vocabulary entries); at the target the token's
+  // loss is +Inf, with a finite gradient p - onehot (torch: the same).
+  const float inf = std::numeric_limits<float>::infinity();
+  const torch::Tensor logits = torch::tensor({{0.f, -inf, 1.f, 0.5f}, {2.f, 1.f, -inf, 0.f}});
+  const torch::Tensor targets = torch::tensor({1, 0});
+  torch::Tensor ref_leaf = logits.clone().requires_grad_(true);
+  torch::Tensor ref = torch::nn::functional::cross_entropy(
+      ref_leaf, targets, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+  ref.backward();
+  for (bool reference : {false, true}) {
+    INFO("use_reference " << reference);
+    torch::Tensor leaf = logits.clone().requires_grad_(true);
+    torch::Tensor per_token = slowed::entropy_masked_cross_entropy(
+        leaf, targets,
+        Opts().entropy_threshold(-1.0).reduction(Reduction::None).use_reference(reference));
+    CHECK(per_token[0].item<float>() == inf);
+    CHECK(per_token[1].item<float>() == Approx(std::log(1.0 + std::exp(-1.0) + std::exp(-2.0))));
+    per_token.sum().backward();
+    CHECK(torch::allclose(leaf.grad(), ref_leaf.grad(), 1e-6, 1e-7));
+  }
+}
+
+TEST_CASE("in-place backward over a leaf (or a view of one) gives .grad storage of its own",
+          "[cpu]") {
+  // Regression: leaf.grad shared the leaf's storage (the gradient written over the values).
+  torch::manual_seed(3);
+  const torch::Tensor x = torch::randn({6, 9});
+  const torch::Tensor targets = torch::tensor({0, 1, 2, 3, 4, 5});
+  torch::Tensor expected_leaf = x.clone().requires_grad_(true);
+  slowed::entropy_masked_cross_entropy(expected_leaf, targets, Opts().entropy_threshold(-1.0))
+      .backward();
+  for (bool reference : {false, true}) {
+    for (bool view : {false, true}) {
+      INFO("use_reference " << reference << ", view " << view);
+      torch::Tensor leaf = (view ? x.reshape({2, 3, 9}) : x).clone().requires_grad_(true);
+      torch::Tensor logits = view ? leaf.view({6, 9}) : leaf;
+      slowed::entropy_masked_cross_entropy(
+          logits, targets,
+          Opts().entropy_threshold(-1.0).inplace_backward(true).use_reference(reference))
+          .backward();
+      REQUIRE(leaf.grad().defined());
+      CHECK(leaf.grad().data_ptr() != leaf.data_ptr());
+      CHECK(torch::allclose(leaf.grad().reshape({6, 9}), expected_leaf.grad(), 1e-6, 1e-7));
+    }
+  }
+}
+
+TEST_CASE("a loss call on logits an in-place call already overwrote throws; other bytes do not",
+          "[cpu]") {
+  // Regression: the second call read the first call's gradient as logits and returned a wrong
+  // loss silently.
+  torch::manual_seed(4);
+  const torch::Tensor hidden = torch::randn({2, 5, 8});
+  const torch::Tensor targets = torch::randint(0, 13, {5});
+  const auto opts = Opts().entropy_threshold(-1.0);
+  for (bool reference : {false, true}) {
+    INFO("use_reference " << reference);
+    torch::Tensor w = torch::randn({13, 8}).requires_grad_(true);
+    torch::Tensor both = torch::matmul(hidden, w.t());  // [2, 5, 13], computed
+    const torch::Tensor fresh = both.detach().clone();
+    torch::Tensor first = both.select(0, 0);
+    torch::Tensor loss = slowed::entropy_masked_cross_entropy(
+        first, targets, Opts(opts).inplace_backward(true).use_reference(reference));
+    const auto needle = Catch::Contains("logits: expected logits, got a tensor whose values");
+    CHECK_THROWS_WITH(slowed::entropy_masked_cross_entropy(first, targets, opts), needle);
+    CHECK_THROWS_WITH(slowed::token_entropy(first), needle);
+    // The other half of the same storage still holds logits.
+    const torch::Tensor second = slowed::entropy_masked_cross_entropy(both.select(0, 1), targets, opts);
+    CHECK(torch::allclose(second,
+                          slowed::entropy_masked_cross_entropy(fresh.select(0, 1), targets, opts)));
+    loss.backward();
+    CHECK_THROWS_WITH(slowed::entropy_masked_cross_entropy(first, targets, opts), needle);
+    // Written again (a version bump): logits once more.
+    {
+      torch::NoGradGuard no_grad;
+      first.copy_(fresh.select(0, 0));
+    }
+    CHECK(torch::allclose(slowed::entropy_masked_cross_entropy(first.detach(), targets, opts),
+                          slowed::entropy_masked_cross_entropy(fresh.select(0, 0), targets, opts)));
+  }
+}
+
 TEST_CASE("Reduction::None composes with autograd and honours any upstream gradient", "[cpu]") {
   std::mt19937_64 rng(23);
   const Shape lead = {4, 8};

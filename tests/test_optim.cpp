@@ -37,6 +37,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -757,6 +758,220 @@ TEST_CASE("a checkpoint from an optimizer over other parameters gives a clear er
     b[0] = torch::zeros({5, 6}, torch::kFloat).requires_grad_(true);
     auto opt2 = make_checkpointed(b);
     require_error_naming([&] { torch::load(*opt2, file.path); }, "shape");
+  }
+}
+
+namespace {
+
+/// Everything an AdamW-based optimizer carries between steps: group options, per-parameter
+/// state (step, moments) and, for the wrapper, its counter and initial weights.
+struct AdamWFingerprint {
+  std::vector<double> numbers;
+  std::vector<torch::Tensor> tensors;
+};
+
+AdamWFingerprint fingerprint(const SlowAdamW& opt) {
+  AdamWFingerprint f;
+  for (const auto& group : opt.param_groups()) {
+    const auto& o = static_cast<const optim::AdamWOptions&>(group.options());
+    f.numbers.insert(f.numbers.end(), {o.lr(), o.weight_decay(), o.eps()});
+    for (const auto& p : group.params()) {
+      auto it = opt.state().find(p.unsafeGetTensorImpl());
+      f.numbers.push_back(it == opt.state().end() ? -1.0 : 1.0);
+      if (it == opt.state().end()) continue;
+      const auto& st = static_cast<const optim::AdamWParamState&>(*it->second);
+      f.numbers.push_back(static_cast<double>(st.step()));
+      for (const auto& t : {st.exp_avg(), st.exp_avg_sq(), st.max_exp_avg_sq()})
+        f.tensors.push_back(t.defined() ? t.clone() : torch::Tensor());
+      f.tensors.push_back(opt.initial_weights(p).defined() ? opt.initial_weights(p).clone()
+                                                           : torch::Tensor());
+    }
+  }
+  f.numbers.push_back(static_cast<double>(opt.slow_step_count()));
+  f.numbers.push_back(opt.stats().scale);
+  return f;
+}
+
+void require_same_fingerprint(const AdamWFingerprint& a, const AdamWFingerprint& b) {
+  REQUIRE(a.numbers == b.numbers);
+  REQUIRE(a.tensors.size() == b.tensors.size());
+  for (size_t i = 0; i < a.tensors.size(); ++i) {
+    INFO("state tensor " << i);
+    REQUIRE(a.tensors[i].defined() == b.tensors[i].defined());
+    if (a.tensors[i].defined()) REQUIRE(torch::equal(a.tensors[i], b.tensors[i]));
+  }
+}
+
+std::vector<optim::OptimizerParamGroup> groups_of(const std::vector<torch::Tensor>& ps,
+                                                  const std::vector<size_t>& sizes) {
+  std::vector<optim::OptimizerParamGroup> groups;
+  size_t at = 0;
+  for (size_t k : sizes) {
+    groups.emplace_back(std::vector<torch::Tensor>(ps.begin() + at, ps.begin() + at + k));
+    at += k;
+  }
+  return groups;
+}
+
+std::vector<torch::Tensor> params_of_shapes(const std::vector<std::vector<int64_t>>& shapes,
+                                            uint64_t seed) {
+  torch::manual_seed(seed);
+  std::vector<torch::Tensor> out;
+  for (const auto& s : shapes) out.push_back(torch::randn(s, torch::kFloat).requires_grad_(true));
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("a checkpoint that does not fit is rejected and changes nothing", "[cpu]") {
+  TempFile file("misfit.pt");
+  Regression reg(torch::kFloat);
+  const auto adamw = optim::AdamWOptions(0.05).weight_decay(0.1).amsgrad(true);
+  // The optimizer the checkpoints are loaded into: trained 2 steps, so it has state to lose.
+  auto target_params = random_params(torch::kFloat, 41);
+  auto target = make_checkpointed(target_params);
+  train(*target, target_params, reg, 2);
+  const auto before = fingerprint(*target);
+  auto expect_rejected = [&](const std::string& needle) {
+    require_error_naming([&] { torch::load(*target, file.path); }, needle);
+    require_same_fingerprint(fingerprint(*target), before);
+  };
+
+  SECTION("param group sizes [1, 1, 2] into [1, 2, 1]") {
+    auto ps = params_of_shapes({{3}, {2}, {2}, {3}}, 43);
+    SlowAdamW src(groups_of(ps, {1, 1, 2}), adamw, SlowTuningOptions().scale(0.5));
+    auto ts = params_of_shapes({{3}, {2}, {2}, {3}}, 44);
+    SlowAdamW dst(groups_of(ts, {1, 2, 1}), adamw, SlowTuningOptions().scale(0.5));
+    for (auto* o : {&src, &dst}) {
+      for (auto& p : (o == &src ? ps : ts)) p.mutable_grad() = torch::ones_like(p);
+      o->step();
+    }
+    const auto dst_before = fingerprint(dst);
+    const double lr0 = static_cast<optim::AdamWOptions&>(dst.param_groups()[0].options()).lr();
+    static_cast<optim::AdamWOptions&>(src.param_groups()[0].options()).lr(0.125);
+    torch::save(src, file.path);
+    require_error_naming([&] { torch::load(dst, file.path); }, "param group 1 holds 1 parameters");
+    require_same_fingerprint(fingerprint(dst), dst_before);
+    REQUIRE(static_cast<optim::AdamWOptions&>(dst.param_groups()[0].options()).lr() == lr0);
+  }
+  SECTION("a plain AdamW checkpoint over parameters of other shapes") {
+    auto other = params_of_shapes({{6, 5}, {4}, {3, 2, 2}}, 45);
+    optim::AdamW plain(other, adamw);
+    for (auto& p : other) p.mutable_grad() = torch::ones_like(p);
+    plain.step();
+    torch::save(plain, file.path);
+    expect_rejected("expected shape [5]");
+  }
+  SECTION("a wrapper checkpoint with track_drift(false) over parameters of other shapes") {
+    auto other = params_of_shapes({{6, 5}, {5}, {3, 4}}, 46);
+    SlowAdamW src(other, adamw, SlowTuningOptions().scale(0.5).track_drift(false));
+    for (auto& p : other) p.mutable_grad() = torch::ones_like(p);
+    src.step();
+    torch::save(src, file.path);
+    expect_rejected("expected shape [3, 2, 2]");
+  }
+  SECTION("a forged base step counter of INT64_MAX") {
+    auto same = clone_params(target_params);
+    optim::AdamW plain(same, adamw);
+    train(plain, same, reg, 1);
+    auto& st = static_cast<optim::AdamWParamState&>(
+        *plain.state().at(same[1].unsafeGetTensorImpl()));
+    st.step(std::numeric_limits<int64_t>::max());
+    torch::save(plain, file.path);
+    expect_rejected("step counter of parameter 1");
+  }
+  SECTION("a forged slowed step counter of INT64_MAX, and a last_scale of 0") {
+    for (const auto& [step, scale, needle] :
+         {std::make_tuple(std::numeric_limits<int64_t>::max(), 1.0, "slowed step counter"),
+          std::make_tuple(int64_t(3), 0.0, "last_scale")}) {
+      auto same = clone_params(target_params);
+      optim::AdamW plain(same, adamw);
+      torch::serialize::OutputArchive out;
+      plain.save(out);
+      torch::serialize::OutputArchive slowed_state(out.compilation_unit());
+      slowed_state.write("format", c10::IValue(int64_t(1)));
+      slowed_state.write("step", c10::IValue(step));
+      slowed_state.write("last_scale", c10::IValue(scale));
+      slowed_state.write("num_initial", c10::IValue(int64_t(0)));
+      out.write("slowed", slowed_state);
+      out.save_to(file.path);
+      expect_rejected(needle);
+    }
+  }
+  SECTION("a moment of an integer dtype") {
+    auto same = clone_params(target_params);
+    optim::AdamW plain(same, adamw);
+    train(plain, same, reg, 1);
+    auto& st = static_cast<optim::AdamWParamState&>(
+        *plain.state().at(same[2].unsafeGetTensorImpl()));
+    st.exp_avg(st.exp_avg().to(torch::kInt));
+    torch::save(plain, file.path);
+    expect_rejected("expected a floating-point tensor");
+  }
+  SECTION("amsgrad on without max_exp_avg_sq") {
+    auto same = clone_params(target_params);
+    optim::AdamW plain(same, optim::AdamWOptions(0.05).weight_decay(0.1));  // amsgrad off
+    train(plain, same, reg, 1);
+    static_cast<optim::AdamWOptions&>(plain.param_groups()[0].options()).amsgrad(true);
+    torch::save(plain, file.path);
+    expect_rejected("state 'max_exp_avg_sq' of parameter 0");
+  }
+}
+
+TEST_CASE("a rejected load leaves the next steps identical to an optimizer never loaded",
+          "[cpu]") {
+  TempFile file("misfit_steps.pt");
+  Regression reg(torch::kFloat);
+  auto a = random_params(torch::kFloat, 47);
+  auto b = clone_params(a);
+  auto opt_a = make_checkpointed(a);
+  auto opt_b = make_checkpointed(b);
+  train(*opt_a, a, reg, 2);
+  train(*opt_b, b, reg, 2);
+  auto other = params_of_shapes({{6, 5}, {5}, {2, 2, 3}}, 48);
+  optim::AdamW plain(other, optim::AdamWOptions(0.05).amsgrad(true));
+  for (auto& p : other) p.mutable_grad() = torch::ones_like(p);
+  plain.step();
+  torch::save(plain, file.path);
+  require_error_naming([&] { torch::load(*opt_b, file.path); }, "shape");
+  train(*opt_a, a, reg, 3);
+  train(*opt_b, b, reg, 3);
+  for (size_t i = 0; i < a.size(); ++i) REQUIRE(torch::equal(a[i], b[i]));
+}
+
+TEST_CASE("a parameter listed twice is rejected before anything changes", "[cpu]") {
+  auto w = torch::randn({4, 3}, torch::kFloat).requires_grad_(true);
+  auto v = torch::randn({5}, torch::kFloat).requires_grad_(true);
+  const auto adamw = optim::AdamWOptions(0.01).weight_decay(0.1);
+  const auto slow = SlowTuningOptions().scale(0.5);
+  SECTION("twice in the constructor's list") {
+    require_error_naming(
+        [&] { SlowAdamW opt(std::vector<torch::Tensor>{w, v, w}, adamw, slow); },
+        "parameter 2 of param group 0 (shape [4, 3]) is the same tensor as parameter 0");
+  }
+  SECTION("in two constructor param groups") {
+    require_error_naming([&] { SlowAdamW opt(groups_of({w, v, w}, {2, 1}), adamw, slow); },
+                         "parameter 0 of param group 1");
+  }
+  SECTION("again through add_param_group") {
+    SlowAdamW opt(std::vector<torch::Tensor>{w, v}, adamw, slow);
+    require_error_naming(
+        [&] { opt.add_param_group(optim::OptimizerParamGroup(std::vector<torch::Tensor>{w})); },
+        "same tensor");
+    REQUIRE(opt.param_groups().size() == 1);
+  }
+  SECTION("again through Base's add_param_group: step() refuses and moves nothing") {
+    SlowAdamW opt(std::vector<torch::Tensor>{w, v}, adamw, slow);
+    static_cast<optim::AdamW&>(opt).add_param_group(
+        optim::OptimizerParamGroup(std::vector<torch::Tensor>{w}));
+    w.mutable_grad() = torch::ones_like(w);
+    v.mutable_grad() = torch::ones_like(v);
+    const auto w0 = w.detach().clone(), v0 = v.detach().clone();
+    require_error_naming([&] { opt.step(); }, "same tensor");
+    REQUIRE(torch::equal(w, w0));
+    REQUIRE(torch::equal(v, v0));
+    REQUIRE(opt.state().empty());
+    REQUIRE(opt.slow_step_count() == 0);
   }
 }
 

@@ -6,7 +6,7 @@
 // allocates several fp32 [N, V] temporaries (log_softmax, its exp, the entropy product, the
 // backward's softmax). Here each thread copies one row (converted to fp32, softcapped) into a
 // row buffer that stays in its L2 cache, and from that buffer computes in turn:
-//   1. while loading: the row max and the sum of the logits (label smoothing, NaN/Inf check);
+//   1. while loading: the row max, the sum of the logits (label smoothing) and a NaN/+Inf flag;
 //   2. e_j = exp(z_j - max) into a second row buffer, s = sum e_j, t = sum e_j z_j;
 //      lse = max + log s, entropy H = lse - t / s, the target logit, the per-token loss;
 //   3. the keep decision (absolute threshold, current or reference entropy) and, when a gradient
@@ -60,12 +60,17 @@ struct RowOutputs {
 // ---- row load/store in each storage dtype --------------------------------------------------
 
 /// Loads `vocab` values into `z` (fp32, softcapped), pads to a multiple of 8 with -inf;
-/// returns the row max and, through `sum`, the plain sum of the (capped) row.
+/// returns the row max and, through `sum`, the plain sum of the (capped) row and, through
+/// `bad`, whether any value is NaN or +Inf. The flag is kept apart from the sum: finite
+/// logits near FLT_MAX overflow the sum, and such a row is still valid.
 template <class T>
 SLOWED_SIMD_INLINE float load_row(const T* src, float* z, int64_t vocab, int64_t padded,
-                                  float cap, float* sum) {
+                                  float cap, float* sum, bool* bad) {
   const int64_t full = vocab / kLanes * kLanes;
-  f8 vmx = splat(-std::numeric_limits<float>::infinity()), vs = splat(0.f);
+  const float inf = std::numeric_limits<float>::infinity();
+  f8 vmx = splat(-inf), vs = splat(0.f);
+  const f8 vinf = splat(inf);
+  i8 vbad = {0, 0, 0, 0, 0, 0, 0, 0};
   const f8 vcap = splat(cap), vinv = splat(cap > 0.f ? 1.f / cap : 0.f);
   for (int64_t j = 0; j < full; j += kLanes) {
     f8 x;
@@ -80,18 +85,22 @@ SLOWED_SIMD_INLINE float load_row(const T* src, float* z, int64_t vocab, int64_t
     store(z + j, x);
     vmx = vmax(vmx, x);
     vs += x;
+    vbad |= ~(x < vinf);  // NaN or +Inf (the max comparisons skip a NaN)
   }
   float mx = hmax(vmx), s = hsum(vs);
+  bool b = false;
+  for (int l = 0; l < kLanes; ++l) b |= vbad[l] != 0;
   for (int64_t j = full; j < vocab; ++j) {
     float x = static_cast<float>(src[j]);
     if (cap > 0.f) x = cap * std::tanh(x / cap);
     z[j] = x;
     mx = x > mx ? x : mx;
     s += x;
+    b |= !(x < inf);
   }
-  for (int64_t j = vocab; j < padded; ++j) z[j] = -std::numeric_limits<float>::infinity();
-  // A NaN anywhere must surface even if the max comparisons skipped it.
+  for (int64_t j = vocab; j < padded; ++j) z[j] = -inf;
   *sum = s;
+  *bad = b;
   return mx;
 }
 
@@ -128,7 +137,8 @@ SLOWED_SIMD_INLINE void rows_body(const T* logits, T* grad, const int64_t* targe
   for (int64_t i = begin; i < end; ++i) {
     const T* row = logits + i * vocab;
     float sum_z = 0.f;
-    const float mx = load_row<T>(row, z, vocab, padded, cap, &sum_z);
+    bool bad = false;
+    const float mx = load_row<T>(row, z, vocab, padded, cap, &sum_z, &bad);
 
     // Pass over the buffer: e = exp(z - max), s = sum e, t = sum e z (0 where e = 0).
     f8 vs = splat(0.f), vt = splat(0.f);
@@ -143,7 +153,7 @@ SLOWED_SIMD_INLINE void rows_body(const T* logits, T* grad, const int64_t* targe
     const float s = hsum(vs), t = hsum(vt);
     float lse = mx + std::log(s);
     // NaN or +Inf logits: report through a NaN lse (the public layer's check names the row).
-    if (std::isnan(sum_z) || sum_z == std::numeric_limits<float>::infinity()) lse = nan;
+    if (bad) lse = nan;
     const float h = std::max(lse - t / s, 0.f);
 
     const int64_t tgt = targets[i];

@@ -19,8 +19,13 @@
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 
+#include <cstdint>
+#include <iterator>
+#include <mutex>
 #include <optional>
+#include <unordered_map>
 #include <utility>
+#include <vector>
 
 namespace slowed {
 namespace detail {
@@ -63,6 +68,75 @@ inline void check_loss_arguments(const at::Tensor& logits, const at::Tensor& tar
                 "logits: inplace_backward needs contiguous logits (the gradient is written over "
                 "them), got strides ", shape_string(logits.strides()));
   }
+}
+
+/// True when `logits` is a leaf or a view of one: autograd would then store the gradient this
+/// call returns as the leaf's .grad, so an in-place gradient must be copied out first.
+inline bool feeds_a_leaf(const at::Tensor& logits) {
+  return logits.is_leaf() || (logits.is_view() && logits._base().is_leaf());
+}
+
+/// Byte ranges that an inplace_backward call overwrote with its gradient, per storage, with the
+/// version counter value the write left. A later call reading the same bytes at that version
+/// would read a gradient as logits; a write to the tensor since (copy_, a new forward into
+/// the same buffer) bumps the version and clears the record. Thread-safe.
+class OverwrittenLogits {
+ public:
+  static OverwrittenLogits& instance() {
+    static OverwrittenLogits registry;
+    return registry;
+  }
+
+  /// Records that `t`'s bytes now hold a gradient (at its current version).
+  void record(const at::Tensor& t) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      it = it->second.storage.expired() ? entries_.erase(it) : std::next(it);
+    }
+    Entry& e = entries_[t.storage().unsafeGetStorageImpl()];
+    const int64_t version = t._version();
+    if (e.storage.expired() || e.storage.lock().get() != t.storage().unsafeGetStorageImpl() ||
+        e.version != version) {
+      e = Entry{t.storage().getWeakStorageImpl(), version, {}};
+    }
+    e.ranges.push_back(range_of(t));
+  }
+
+  /// The version at which `t`'s bytes were overwritten, or -1 when they hold what was written
+  /// last by an operation.
+  int64_t overwritten_version(const at::Tensor& t) const {
+    if (!t.has_storage() || t.is_inference()) return -1;
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = entries_.find(t.storage().unsafeGetStorageImpl());
+    if (it == entries_.end() || it->second.version != t._version()) return -1;
+    if (it->second.storage.lock().get() != t.storage().unsafeGetStorageImpl()) return -1;
+    const auto r = range_of(t);
+    for (const auto& w : it->second.ranges) {
+      if (r.first < w.second && w.first < r.second) return it->second.version;
+    }
+    return -1;
+  }
+
+ private:
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage{c10::intrusive_ptr<c10::StorageImpl>()};
+    int64_t version = -1;
+    std::vector<std::pair<int64_t, int64_t>> ranges;  // [begin, end) in bytes
+  };
+  static std::pair<int64_t, int64_t> range_of(const at::Tensor& t) {
+    const int64_t begin = t.storage_offset() * static_cast<int64_t>(t.element_size());
+    return {begin, begin + t.numel() * static_cast<int64_t>(t.element_size())};
+  }
+  mutable std::mutex mutex_;
+  std::unordered_map<const c10::StorageImpl*, Entry> entries_;
+};
+
+/// Refuses logits whose values an earlier inplace_backward call replaced by its gradient.
+inline void check_not_overwritten(const at::Tensor& logits) {
+  const int64_t v = OverwrittenLogits::instance().overwritten_version(logits);
+  TORCH_CHECK(v < 0, "logits: expected logits, got a tensor whose values an earlier "
+              "entropy_masked_cross_entropy call with inplace_backward replaced by its gradient "
+              "(version ", v, "); compute the logits again");
 }
 
 inline FlatInputs flatten_inputs(const at::Tensor& logits, const at::Tensor& targets,
@@ -247,6 +321,8 @@ inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const a
     }
   }
   r.stats = mask_stats(in.valid, terms.entropy, n_valid, n_kept, d.threshold);
+  // Last, after every write of the gradient (some bump the version counter).
+  if (need_grad && opt.inplace_backward()) OverwrittenLogits::instance().record(logits);
   return r;
 }
 
@@ -294,6 +370,8 @@ struct EntropyMaskedCrossEntropyFunction
       ctx->saved_data["logits_shape"] = logits.sizes().vec();
       ctx->saved_data["none"] = opt.reduction() == Reduction::None;
       ctx->saved_data["use_reference"] = opt.use_reference();
+      ctx->saved_data["inplace"] = opt.inplace_backward();
+      ctx->saved_data["copy_out"] = opt.inplace_backward() && feeds_a_leaf(logits);
     }
     return r.loss;
   }
@@ -313,6 +391,11 @@ struct EntropyMaskedCrossEntropyFunction
     at::Tensor factor = saved["none"].toBool() ? go.reshape({grad.size(0)}) * scale
                                                : go.reshape({}) * scale;
     scale_gradient(grad, factor, grad, saved["use_reference"].toBool());
+    // In place, the scaling wrote the logits' bytes again (a version bump on some paths).
+    if (saved["inplace"].toBool()) OverwrittenLogits::instance().record(grad);
+    // In place over a leaf (or a view of one): the leaf's .grad gets its own storage, never
+    // the leaf's (whose values the forward replaced).
+    if (saved["copy_out"].toBool()) grad = grad.clone();
     return {grad.view(saved["logits_shape"].toIntVector()), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};
   }
@@ -338,6 +421,7 @@ inline at::Tensor entropy_masked_cross_entropy(
     const EntropyMaskedCrossEntropyOptions& options = {},
     const at::Tensor& reference_entropy = {}, EntropyMaskStats* stats = nullptr) {
   detail::check_loss_arguments(logits, targets, reference_entropy, options);
+  detail::check_not_overwritten(logits);
   // An undefined tensor may not enter autograd's input list: absent means std::nullopt.
   std::optional<at::Tensor> reference;
   if (reference_entropy.defined()) reference = reference_entropy.detach();
@@ -395,6 +479,7 @@ inline at::Tensor token_entropy(const at::Tensor& logits, double softcap = 0.0) 
   TORCH_CHECK(logits.size(-1) > 0, "logits: expected V >= 1, got ",
               detail::shape_string(logits.sizes()));
   detail::check_finite_option(softcap, "softcap");
+  detail::check_not_overwritten(logits);
   at::NoGradGuard no_grad;
   const int64_t vocab = logits.size(-1);
   const int64_t n = logits.numel() / vocab;

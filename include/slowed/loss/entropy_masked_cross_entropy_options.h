@@ -104,7 +104,9 @@ class EntropyMaskedCrossEntropyOptions {
 
   /// Write the gradient over the logits' storage instead of a separate buffer (saves one
   /// [N, V] buffer). The logits' values are destroyed by the forward; autograd's version
-  /// check reports any other use of them. Backward may then run only once.
+  /// check reports any other use of them, and a later loss or token_entropy call on the same
+  /// logits throws (until something writes them again). Backward may then run only once. Logits
+  /// that are a leaf (or a view of one) get their .grad in a copy, never in their own storage.
   EntropyMaskedCrossEntropyOptions& inplace_backward(bool enabled) {
     inplace_backward_ = enabled;
     return *this;
@@ -112,7 +114,9 @@ class EntropyMaskedCrossEntropyOptions {
   bool inplace_backward() const { return inplace_backward_; }
 
   /// Check targets (range) and logits (finite log-sum-exp) on every call. On CUDA this
-  /// costs one host synchronization per call. Default true.
+  /// costs one host synchronization per call. Default true. -Inf logits are valid (a masked
+  /// vocabulary entry has probability 0) and pass the check, also at the target: that token's
+  /// loss is then +Inf, as in torch's cross_entropy.
   EntropyMaskedCrossEntropyOptions& check_inputs(bool enabled) {
     check_inputs_ = enabled;
     return *this;

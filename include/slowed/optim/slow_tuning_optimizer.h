@@ -28,9 +28,12 @@
 #include <slowed/optim/slow_tuning_options.h>
 #include <slowed/optim/slow_tuning_stats.h>
 
+#include <torch/optim/adagrad.h>
 #include <torch/optim/adam.h>
 #include <torch/optim/adamw.h>
 #include <torch/optim/optimizer.h>
+#include <torch/optim/rmsprop.h>
+#include <torch/optim/sgd.h>
 #include <torch/serialize/archive.h>
 
 #include <ATen/ATen.h>
@@ -38,7 +41,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <map>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
@@ -135,6 +140,146 @@ inline void bump_version(const at::Tensor& t) {
   if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
+/// Rejects a tensor listed twice among `groups` (or within one group), naming both places.
+/// torch::optim would step such a tensor twice per step; the wrapper's single-pass kernels
+/// cannot, so it is an error before anything changes.
+inline void check_distinct_parameters(const std::vector<torch::optim::OptimizerParamGroup>& groups,
+                                      const torch::optim::OptimizerParamGroup* extra = nullptr) {
+  std::unordered_map<const c10::TensorImpl*, std::pair<size_t, size_t>> seen;
+  auto visit = [&](const torch::optim::OptimizerParamGroup& group, size_t g) {
+    for (size_t i = 0; i < group.params().size(); ++i) {
+      const at::Tensor& p = group.params()[i];
+      auto [it, fresh] = seen.emplace(p.unsafeGetTensorImpl(), std::make_pair(g, i));
+      TORCH_CHECK(fresh, "SlowTuningOptimizer: parameter ", i, " of param group ", g,
+                  " (shape ", shape_string(p.sizes()), ") is the same tensor as parameter ",
+                  it->second.second, " of param group ", it->second.first,
+                  "; expected each tensor once across all param groups");
+    }
+  };
+  for (size_t g = 0; g < groups.size(); ++g) visit(groups[g], g);
+  if (extra != nullptr) visit(*extra, groups.size());
+}
+
+/// Largest step counter a checkpoint may hold: counters are incremented and raised to powers
+/// (bias correction) in double precision, exact up to 2^53.
+inline constexpr int64_t kMaxCheckpointStep = int64_t(1) << 53;
+
+/// `t` (one tensor of a parameter's loaded optimizer state) checked against the parameter and
+/// brought to its dtype and device, as PyTorch's Optimizer.load_state_dict does.
+inline at::Tensor checked_state_tensor(const at::Tensor& t, const at::Tensor& p, const char* name,
+                                       size_t group, size_t index, bool required) {
+  const std::string where = "checkpoint: state '" + std::string(name) + "' of parameter " +
+                            std::to_string(index) + " in param group " + std::to_string(group);
+  if (!t.defined()) {
+    TORCH_CHECK(!required, where, ": expected a tensor of shape ", shape_string(p.sizes()),
+                ", got none");
+    return t;
+  }
+  TORCH_CHECK(t.is_floating_point(), where, ": expected a floating-point tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(p.sizes()), where, ": expected shape ", shape_string(p.sizes()),
+              " (the parameter's), got ", shape_string(t.sizes()));
+  return t.to(p.device(), p.scalar_type()).contiguous();
+}
+
+inline void check_checkpoint_step(int64_t step, size_t group, size_t index) {
+  TORCH_CHECK(step >= 0 && step <= kMaxCheckpointStep, "checkpoint: step counter of parameter ",
+              index, " in param group ", group, ": expected 0 <= step <= 2^53, got ", step);
+}
+
+inline void check_checkpoint_option(bool ok, const char* name, double value, const char* expected,
+                                    size_t group) {
+  TORCH_CHECK(ok, "checkpoint: option ", name, " of param group ", group, ": expected ", expected,
+              ", got ", value);
+}
+
+/// Checks the state `Base::load` just loaded against the parameters and the options of
+/// `opt`, bringing state tensors to each parameter's dtype and device. Known Bases (Adam,
+/// AdamW, SGD, Adagrad, RMSprop) are checked field by field; others only by what Base checks.
+template <class Base>
+void check_loaded_base_state(Base& opt) {
+  namespace o = torch::optim;
+  for (size_t g = 0; g < opt.param_groups().size(); ++g) {
+    auto& group = opt.param_groups()[g];
+    if constexpr (AdamTraits<Base>::value) {
+      const auto& a = static_cast<const typename AdamTraits<Base>::Options&>(group.options());
+      const double b1 = std::get<0>(a.betas()), b2 = std::get<1>(a.betas());
+      check_checkpoint_option(std::isfinite(a.lr()) && a.lr() >= 0, "lr", a.lr(), "finite >= 0", g);
+      check_checkpoint_option(b1 >= 0 && b1 < 1, "betas[0]", b1, "in [0, 1)", g);
+      check_checkpoint_option(b2 >= 0 && b2 < 1, "betas[1]", b2, "in [0, 1)", g);
+      check_checkpoint_option(std::isfinite(a.eps()) && a.eps() >= 0, "eps", a.eps(),
+                              "finite >= 0", g);
+      check_checkpoint_option(std::isfinite(a.weight_decay()) && a.weight_decay() >= 0,
+                              "weight_decay", a.weight_decay(), "finite >= 0", g);
+    } else if constexpr (std::is_same_v<Base, o::SGD>) {
+      const auto& a = static_cast<const o::SGDOptions&>(group.options());
+      check_checkpoint_option(std::isfinite(a.lr()) && a.lr() >= 0, "lr", a.lr(), "finite >= 0", g);
+      check_checkpoint_option(std::isfinite(a.momentum()) && a.momentum() >= 0, "momentum",
+                              a.momentum(), "finite >= 0", g);
+    }
+    for (size_t i = 0; i < group.params().size(); ++i) {
+      const at::Tensor& p = group.params()[i];
+      auto it = opt.state().find(p.unsafeGetTensorImpl());
+      if (it == opt.state().end()) continue;
+      o::OptimizerParamState* st = it->second.get();
+      if constexpr (AdamTraits<Base>::value) {
+        auto& s = static_cast<typename AdamTraits<Base>::State&>(*st);
+        const auto& a = static_cast<const typename AdamTraits<Base>::Options&>(group.options());
+        check_checkpoint_step(s.step(), g, i);
+        s.exp_avg(checked_state_tensor(s.exp_avg(), p, "exp_avg", g, i, true));
+        s.exp_avg_sq(checked_state_tensor(s.exp_avg_sq(), p, "exp_avg_sq", g, i, true));
+        s.max_exp_avg_sq(
+            checked_state_tensor(s.max_exp_avg_sq(), p, "max_exp_avg_sq", g, i, a.amsgrad()));
+      } else if constexpr (std::is_same_v<Base, o::SGD>) {
+        auto& s = static_cast<o::SGDParamState&>(*st);
+        s.momentum_buffer(checked_state_tensor(s.momentum_buffer(), p, "momentum_buffer", g, i,
+                                               false));
+      } else if constexpr (std::is_same_v<Base, o::Adagrad>) {
+        auto& s = static_cast<o::AdagradParamState&>(*st);
+        check_checkpoint_step(s.step(), g, i);
+        s.sum(checked_state_tensor(s.sum(), p, "sum", g, i, true));
+      } else if constexpr (std::is_same_v<Base, o::RMSprop>) {
+        auto& s = static_cast<o::RMSpropParamState&>(*st);
+        check_checkpoint_step(s.step(), g, i);
+        s.square_avg(checked_state_tensor(s.square_avg(), p, "square_avg", g, i, true));
+        s.momentum_buffer(checked_state_tensor(s.momentum_buffer(), p, "momentum_buffer", g, i,
+                                               false));
+        s.grad_avg(checked_state_tensor(s.grad_avg(), p, "grad_avg", g, i, false));
+      } else {
+        (void)st;
+      }
+    }
+  }
+}
+
+/// Checks, before Base::load runs, that the checkpoint's param groups have the sizes of
+/// `groups` (Base checks them too, but only after it replaced the earlier groups' state).
+/// Archives without the format's "param_groups" (older formats) are left to Base.
+inline void check_checkpoint_group_layout(torch::serialize::InputArchive& archive,
+                                          const std::vector<torch::optim::OptimizerParamGroup>& groups) {
+  torch::serialize::InputArchive saved;
+  if (!archive.try_read("param_groups", saved)) return;
+  at::Tensor count;
+  saved.read("param_groups/size", count);
+  TORCH_CHECK(count.numel() == 1 && !count.is_floating_point(),
+              "checkpoint: param_groups/size is corrupt");
+  const int64_t n = count.item<int64_t>();
+  TORCH_CHECK(n == static_cast<int64_t>(groups.size()), "checkpoint: holds ", n,
+              " param groups, this optimizer has ", groups.size());
+  for (int64_t g = 0; g < n; ++g) {
+    torch::serialize::InputArchive group;
+    saved.read("param_groups/" + std::to_string(g), group);
+    at::Tensor size;
+    group.read("params/size", size);
+    TORCH_CHECK(size.numel() == 1 && !size.is_floating_point(), "checkpoint: param group ", g,
+                ": params/size is corrupt");
+    const int64_t k = size.item<int64_t>();
+    TORCH_CHECK(k == static_cast<int64_t>(groups[g].params().size()), "checkpoint: param group ",
+                g, " holds ", k, " parameters, this optimizer's param group ", g, " holds ",
+                groups[g].params().size());
+  }
+}
+
 }  // namespace detail
 
 /// Slow Tuning around any `torch::optim` optimizer.
@@ -160,6 +305,7 @@ class SlowTuningOptimizer : public Base {
   SlowTuningOptimizer(std::vector<at::Tensor> params, BaseOptions defaults,
                       SlowTuningOptions slow = {})
       : Base(std::move(params), std::move(defaults)), slow_(std::move(slow)) {
+    detail::check_distinct_parameters(this->param_groups());
     keep_initial_weights();
   }
 
@@ -167,13 +313,23 @@ class SlowTuningOptimizer : public Base {
   SlowTuningOptimizer(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
                       BaseOptions defaults, SlowTuningOptions slow = {})
       : Base(param_groups, std::move(defaults)), slow_(std::move(slow)) {
+    detail::check_distinct_parameters(this->param_groups());
     keep_initial_weights();
+  }
+
+  /// Base's add_param_group, refused (nothing added) when a tensor of `group` is already
+  /// among this optimizer's parameters or listed twice in it. step() checks the same for
+  /// groups added through a Base reference.
+  void add_param_group(const torch::optim::OptimizerParamGroup& group) {
+    detail::check_distinct_parameters(this->param_groups(), &group);
+    Base::add_param_group(group);
   }
 
   /// Base's step, with its weight change scaled and bounded per SlowTuningOptions. The path
   /// (reference, generic kernels, or the Adam path for AdamW/Adam) is chosen per step from the
   /// options and the tensors; see the top of this file.
   at::Tensor step(LossClosure closure = nullptr) override {
+    detail::check_distinct_parameters(this->param_groups());
     const double s = slow_.scale_at(step_count_);
     keep_initial_weights();  // parameters added with add_param_group since the last step
     at::Tensor loss;
@@ -210,48 +366,51 @@ class SlowTuningOptimizer : public Base {
     archive.write("slowed", state);
   }
 
-  /// Loads Base's state and the wrapper's own. A plain Base checkpoint (no slowed state) is
-  /// accepted with a warning: the step counter restarts at 0 and the current weights become
-  /// the initial weights.
+  /// Loads Base's state and the wrapper's own, all or nothing: every part of the checkpoint is
+  /// checked (param group layout, state shapes and dtypes, counters, options, the wrapper's
+  /// state) and on any mismatch a c10::Error names it and the optimizer is left as it was.
+  /// State tensors are brought to their parameter's dtype and device, as PyTorch's
+  /// Optimizer.load_state_dict does. A plain Base checkpoint (no slowed state) is accepted with
+  /// a warning: the step counter restarts at 0 and the current weights become the initial
+  /// weights.
   void load(torch::serialize::InputArchive& archive) override {
-    // Read and validate the wrapper's state first, so that a bad checkpoint leaves the
-    // optimizer untouched (Base's state included).
+    // The wrapper's state first: read and checked, nothing assigned yet.
     torch::serialize::InputArchive state;
-    if (!archive.try_read("slowed", state)) {
-      Base::load(archive);
-      TORCH_WARN("SlowTuningOptimizer::load: the checkpoint holds no slowed state (a plain base "
-                 "optimizer checkpoint); the step counter restarts at 0 and the current weights "
-                 "become the initial weights");
-      step_count_ = 0;
-      last_scale_ = 1.0;
-      initial_.clear();
-      initial_norm_.clear();
-      keep_initial_weights();
-      return;
-    }
-    c10::IValue v;
-    state.read("format", v);
-    TORCH_CHECK(v.isInt() && v.toInt() == kStateFormat,
-                "checkpoint: expected slowed state format ", kStateFormat, ", got ",
-                v.isInt() ? std::to_string(v.toInt()) : v.tagKind());
-    state.read("step", v);
-    TORCH_CHECK(v.isInt() && v.toInt() >= 0, "checkpoint: slowed step counter is corrupt");
-    const int64_t step = v.toInt();
-    state.read("last_scale", v);
-    TORCH_CHECK(v.isDouble(), "checkpoint: slowed last_scale is corrupt");
-    const double last_scale = v.toDouble();
-    state.read("num_initial", v);
-    TORCH_CHECK(v.isInt() && v.toInt() >= 0, "checkpoint: slowed num_initial is corrupt");
-    const int64_t n = v.toInt();
-    const auto params = parameters();
+    const bool has_slowed = archive.try_read("slowed", state);
+    int64_t step = 0;
+    double last_scale = 1.0;
+    int64_t n = 0;
     std::unordered_map<c10::TensorImpl*, at::Tensor> initial;
-    if (n > 0) {
-      TORCH_CHECK(n == static_cast<int64_t>(params.size()), "checkpoint: slowed state holds ", n,
-                  " initial-weight tensors, expected ", params.size(),
+    const auto params = parameters();
+    if (has_slowed) {
+      c10::IValue v;
+      state.read("format", v);
+      TORCH_CHECK(v.isInt() && v.toInt() == kStateFormat,
+                  "checkpoint: expected slowed state format ", kStateFormat, ", got ",
+                  v.isInt() ? std::to_string(v.toInt()) : v.tagKind());
+      state.read("step", v);
+      TORCH_CHECK(v.isInt() && v.toInt() >= 0 && v.toInt() <= detail::kMaxCheckpointStep,
+                  "checkpoint: slowed step counter: expected an integer in [0, 2^53], got ",
+                  v.isInt() ? std::to_string(v.toInt()) : v.tagKind());
+      step = v.toInt();
+      state.read("last_scale", v);
+      TORCH_CHECK(v.isDouble() && v.toDouble() > 0.0 && v.toDouble() <= 1.0,
+                  "checkpoint: slowed last_scale: expected a number in (0, 1], got ",
+                  v.isDouble() ? std::to_string(v.toDouble()) : v.tagKind());
+      last_scale = v.toDouble();
+      state.read("num_initial", v);
+      TORCH_CHECK(v.isInt() && (v.toInt() == 0 || v.toInt() == static_cast<int64_t>(params.size())),
+                  "checkpoint: slowed state holds ",
+                  v.isInt() ? std::to_string(v.toInt()) : v.tagKind(),
+                  " initial-weight tensors, expected 0 or ", params.size(),
                   " (one per parameter of this optimizer)");
+      n = v.toInt();
       for (int64_t i = 0; i < n; ++i) {
         at::Tensor t0;
         state.read("initial_" + std::to_string(i), t0, /*is_buffer=*/true);
+        TORCH_CHECK(t0.defined() && t0.is_floating_point(), "checkpoint: initial weights of "
+                    "parameter ", i, ": expected a floating-point tensor, got ",
+                    t0.defined() ? c10::toString(t0.scalar_type()) : "none");
         TORCH_CHECK(t0.sizes() == params[i].sizes(), "checkpoint: initial weights of parameter ",
                     i, " have shape ", detail::shape_string(t0.sizes()), ", expected ",
                     detail::shape_string(params[i].sizes()));
@@ -259,12 +418,17 @@ class SlowTuningOptimizer : public Base {
             t0.to(params[i].device(), params[i].scalar_type()).contiguous();
       }
     }
-    Base::load(archive);
+    load_base_or_restore(archive);
+    // Nothing below can fail.
     step_count_ = step;
     last_scale_ = last_scale;
     initial_ = std::move(initial);
     initial_norm_.clear();
-    if (slow_.keeps_initial_weights() && n == 0) {
+    if (!has_slowed) {
+      TORCH_WARN("SlowTuningOptimizer::load: the checkpoint holds no slowed state (a plain base "
+                 "optimizer checkpoint); the step counter restarts at 0 and the current weights "
+                 "become the initial weights");
+    } else if (slow_.keeps_initial_weights() && n == 0) {
       TORCH_WARN("SlowTuningOptimizer::load: the checkpoint holds no initial weights; the "
                  "current weights become the initial weights");
     }
@@ -322,6 +486,31 @@ class SlowTuningOptimizer : public Base {
 
  private:
   static constexpr int64_t kStateFormat = 1;
+
+  // Base::load, checked against the parameters; on any error Base's state and group options
+  // are put back as they were and the error is rethrown as a c10::Error.
+  void load_base_or_restore(torch::serialize::InputArchive& archive) {
+    detail::check_checkpoint_group_layout(archive, this->param_groups());
+    std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options;
+    for (const auto& group : this->param_groups()) options.push_back(group.options().clone());
+    std::decay_t<decltype(this->state())> saved;
+    for (const auto& [key, st] : this->state()) saved[key] = st->clone();
+    auto restore = [&] {
+      this->state() = std::move(saved);
+      for (size_t g = 0; g < options.size(); ++g)
+        this->param_groups()[g].set_options(std::move(options[g]));
+    };
+    try {
+      Base::load(archive);
+      detail::check_loaded_base_state(static_cast<Base&>(*this));
+    } catch (const c10::Error&) {
+      restore();
+      throw;
+    } catch (const std::exception& e) {
+      restore();
+      TORCH_CHECK(false, "checkpoint: corrupt base optimizer state (", e.what(), ")");
+    }
+  }
 
   std::vector<at::Tensor> parameters() const {
     std::vector<at::Tensor> out;

@@ -2,7 +2,7 @@
 // behaviour of the emulator; the ones named *_bug are wrong on purpose and must be reported.
 // Plain CUDA without headers, like the library's sources, and run through the same generator.
 
-// A block sum with warp shuffles and a shared buffer: correct for any block size <= 1024.
+// A block sum with warp shuffles and a shared buffer: correct for any whole number of warps.
 extern "C" __global__ void emu_block_sum(const float* x, float* out, long long n) {
   __shared__ float partial[32];
   float v = 0.f;

@@ -22,7 +22,7 @@ struct RunConfig {
   int64_t micro_batch = 4;      ///< sequences per forward/backward (gradients accumulated); 0 = batch
   std::string precision = "bf16";  ///< fp32, or bf16 autocast with fp32 master weights
   bool freeze_embeddings = true;  ///< input embedding and LM head not trained (as with LoRA)
-  double lr = 2e-4;
+  double lr = 5e-5;             ///< full fine-tuning of the blocks: 2e-4 (LoRA's) wrecks Qwen in one step
   double weight_decay = 0.05;
   double slow_scale = 0.1;      ///< Slow Tuning step scale (modes slow, slowed)
   double lem_threshold = 0.3;   ///< Low-Entropy Masking threshold in nats (modes lem, slowed)

@@ -30,6 +30,30 @@
 namespace slowed {
 namespace detail {
 
+/// The targets' dtype: the check both losses (this one and the fused linear loss) share.
+inline void check_target_dtype(const at::Tensor& targets) {
+  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
+              "targets: expected integer class indices (int64 or int32), got ",
+              targets.scalar_type());
+}
+
+/// The optional reference entropies against the targets' shape `lead` and the input's device:
+/// the checks both losses share.
+inline void check_reference_entropy(const at::Tensor& reference_entropy, at::IntArrayRef lead,
+                                    const at::Device& device) {
+  if (reference_entropy.defined()) {
+    TORCH_CHECK(reference_entropy.is_floating_point(),
+                "reference_entropy: expected a floating-point tensor, got ",
+                reference_entropy.scalar_type());
+    TORCH_CHECK(reference_entropy.sizes() == lead, "reference_entropy: expected shape ",
+                shape_string(lead), " (the targets' shape), got ",
+                shape_string(reference_entropy.sizes()));
+    TORCH_CHECK(reference_entropy.device() == device,
+                "reference_entropy: expected device ", device, ", got ",
+                reference_entropy.device());
+  }
+}
+
 /// Shape/dtype/device checks that need no look at the data.
 inline void check_loss_arguments(const at::Tensor& logits, const at::Tensor& targets,
                                  const at::Tensor& reference_entropy,
@@ -43,26 +67,14 @@ inline void check_loss_arguments(const at::Tensor& logits, const at::Tensor& tar
               logits.scalar_type());
   TORCH_CHECK(logits.size(-1) > 0, "logits: expected V >= 1 classes in the last dimension, got ",
               shape_string(logits.sizes()));
-  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
-              "targets: expected integer class indices (int64 or int32), got ",
-              targets.scalar_type());
+  check_target_dtype(targets);
   const auto lead = logits.sizes().slice(0, logits.dim() - 1);
   TORCH_CHECK(targets.sizes() == lead, "targets: expected shape ", shape_string(lead),
               " to match logits ", shape_string(logits.sizes()), ", got ",
               shape_string(targets.sizes()));
   TORCH_CHECK(targets.device() == logits.device(), "targets: expected device ",
               logits.device(), " (the logits' device), got ", targets.device());
-  if (reference_entropy.defined()) {
-    TORCH_CHECK(reference_entropy.is_floating_point(),
-                "reference_entropy: expected a floating-point tensor, got ",
-                reference_entropy.scalar_type());
-    TORCH_CHECK(reference_entropy.sizes() == lead, "reference_entropy: expected shape ",
-                shape_string(lead), " (the targets' shape), got ",
-                shape_string(reference_entropy.sizes()));
-    TORCH_CHECK(reference_entropy.device() == logits.device(),
-                "reference_entropy: expected device ", logits.device(), ", got ",
-                reference_entropy.device());
-  }
+  check_reference_entropy(reference_entropy, lead, logits.device());
   if (opt.inplace_backward() && logits.requires_grad()) {
     TORCH_CHECK(logits.is_contiguous(),
                 "logits: inplace_backward needs contiguous logits (the gradient is written over "

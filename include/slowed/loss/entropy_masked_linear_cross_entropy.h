@@ -87,26 +87,14 @@ inline void check_linear_loss_arguments(const at::Tensor& hidden, const at::Tens
     TORCH_CHECK(bias.device() == hidden.device(), "bias: expected device ", hidden.device(),
                 " (hidden's device), got ", bias.device());
   }
-  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
-              "targets: expected integer class indices (int64 or int32), got ",
-              targets.scalar_type());
+  check_target_dtype(targets);
   const auto lead = hidden.sizes().slice(0, hidden.dim() - 1);
   TORCH_CHECK(targets.sizes() == lead, "targets: expected shape ", shape_string(lead),
               " to match hidden ", shape_string(hidden.sizes()), ", got ",
               shape_string(targets.sizes()));
   TORCH_CHECK(targets.device() == hidden.device(), "targets: expected device ", hidden.device(),
               " (hidden's device), got ", targets.device());
-  if (reference_entropy.defined()) {
-    TORCH_CHECK(reference_entropy.is_floating_point(),
-                "reference_entropy: expected a floating-point tensor, got ",
-                reference_entropy.scalar_type());
-    TORCH_CHECK(reference_entropy.sizes() == lead, "reference_entropy: expected shape ",
-                shape_string(lead), " (the targets' shape), got ",
-                shape_string(reference_entropy.sizes()));
-    TORCH_CHECK(reference_entropy.device() == hidden.device(),
-                "reference_entropy: expected device ", hidden.device(), ", got ",
-                reference_entropy.device());
-  }
+  check_reference_entropy(reference_entropy, lead, hidden.device());
 }
 
 /// The flattened inputs of one call. `rows.logits` is the chunk buffer [C, V]: the shared data

@@ -28,7 +28,7 @@ log "ctest -L cuda"
 log "ctest -L cuda: rc=$? ($(grep -E 'tests passed|tests failed' "$out/ctest_cuda.log" | tail -1))"
 
 if [[ "$mode" != quick ]] && command -v compute-sanitizer >/dev/null; then
-  for t in test_loss test_optim test_optim_fused test_cuda_runtime; do
+  for t in test_loss test_linear_loss test_optim test_optim_fused test_cuda_runtime; do
     log "compute-sanitizer memcheck $t [cuda]"
     compute-sanitizer --tool memcheck --error-exitcode 3 "$build/tests/$t" "[cuda]" > "$out/memcheck_$t.log" 2>&1
     log "memcheck $t: rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck_$t.log" | tail -1)"
@@ -43,6 +43,10 @@ for s in "${shapes[@]}"; do
   "$build/benchmarks/bench_loss" --device cuda --dtype bfloat16 --n "$1" --v "$2" --iters 20 --warmup 3 \
     --json "$out/bench_loss_cuda_$2.json" >> "$out/bench.log" 2>&1
 done
+# The LM head fused with the loss (issue 11's CUDA shape; eager and the ATen composite beside it).
+log "bench_linear_loss cuda bf16 N=8192 D=1536 V=151936"
+"$build/benchmarks/bench_linear_loss" --device cuda --dtype bfloat16 --n 8192 --d 1536 --v 151936 \
+  --iters 10 --warmup 3 --json "$out/bench_linear_loss_cuda.json" >> "$out/bench.log" 2>&1
 for b in bench_optim bench_generate; do
   [[ -x "$build/benchmarks/$b" ]] || continue
   log "$b cuda"

@@ -27,10 +27,11 @@ for path, what in ((args.data + "/bbh/tasks", "data folder"), (args.model, "Smol
 SMALL = ["--smoke", "--quiet", "--data", args.data, "--model", args.model,
          "--tasks", "boolean_expressions,web_of_lies", "--train-per-task", "3", "--test-per-task", "1",
          "--ood", "1", "--advbench", "2", "--max-new-tokens", "4", "--safety-new-tokens", "4",
-         "--max-len", "320", "--batch", "3", "--eval-batch", "4"]
-FIELDS = ["mode", "epoch", "bbh_accuracy", "arc_e_accuracy", "arc_c_accuracy", "agieval_accuracy",
-          "safety_ratio", "train_loss", "kept_fraction", "drift", "train_seconds", "eval_seconds",
-          "bbh_n", "arc_e_n", "arc_c_n", "agieval_n", "advbench_n", "device"]
+         "--max-len", "320", "--batch", "3", "--micro-batch", "2", "--eval-batch", "4"]
+METRICS = ["bbh_accuracy", "arc_e_accuracy", "arc_c_accuracy", "agieval_accuracy", "safety_ratio",
+           "safety_ratio_prefix"]
+FIELDS = (["mode", "epoch"] + [m + s for m in METRICS for s in ("", "_k", "_n", "_lo", "_hi")] +
+          ["train_loss", "kept_fraction", "drift", "train_seconds", "eval_seconds", "peak_rss_mb", "device"])
 failures = []
 
 
@@ -64,9 +65,13 @@ recs = records(out)
 check(len(recs) == 9, f"expected 9 records (base + 4 training modes x 2 epochs), got {len(recs)}")
 for r in recs:
     check(list(r.keys()) == FIELDS, f"record fields {list(r.keys())}")
-    for k in ("bbh_accuracy", "arc_e_accuracy", "arc_c_accuracy", "agieval_accuracy",
-              "safety_ratio", "kept_fraction"):
-        check(0.0 <= r[k] <= 1.0, f"{r['mode']} {k} = {r[k]} outside [0, 1]")
+    check(0.0 <= r["kept_fraction"] <= 1.0, f"{r['mode']} kept_fraction = {r['kept_fraction']}")
+    for k in METRICS:
+        check(0.0 <= r[k + "_lo"] <= r[k] <= r[k + "_hi"] <= 1.0,
+              f"{r['mode']} {k}: {r[k + '_lo']} <= {r[k]} <= {r[k + '_hi']} fails")
+        check(r[k + "_n"] == 0 or abs(r[k] - r[k + "_k"] / r[k + "_n"]) < 1e-6, f"{r['mode']} {k} != k/n")
+    check(r["safety_ratio_n"] == 2, f"{r['mode']}: {r['safety_ratio_n']} AdvBench goals, expected 2")
+    check(r["peak_rss_mb"] > 0, f"{r['mode']}: no peak RSS")
     check(r["train_loss"] == r["train_loss"], f"{r['mode']} train loss is NaN")
 by = {(r["mode"], r["epoch"]): r for r in recs}
 for m in ("sft", "slow", "lem", "slowed"):
@@ -78,7 +83,19 @@ with open(os.path.join(out, "results.csv")) as f:
     check(len(f.read().strip().splitlines()) == 10, "results.csv has not 1 + 9 lines")
 for m in ("base", "sft", "slowed"):
     e = 0 if m == "base" else 1
-    check(os.path.exists(os.path.join(out, "samples", f"advbench_{m}_epoch{e}.txt")), f"samples of {m}")
+    path = os.path.join(out, "samples", f"advbench_{m}_epoch{e}.jsonl")
+    check(os.path.exists(path), f"samples of {m}")
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [json.loads(x) for x in f if x.strip()]
+        check(len(lines) == 2, f"{path}: {len(lines)} responses, expected every goal (2)")
+        for x in lines:
+            check(set(x) == {"goal_index", "goal", "response", "refusal_gcg", "gcg_marker", "refusal_prefix"},
+                  f"{path}: fields {sorted(x)}")
+            check(0 <= x["goal_index"] < 520, f"{path}: goal_index {x['goal_index']}")
+        by_rec = by[(m, e)]
+        check(sum(x["refusal_gcg"] for x in lines) == by_rec["safety_ratio_k"], f"{m}: GCG count differs")
+        check(sum(x["refusal_prefix"] for x in lines) == by_rec["safety_ratio_prefix_k"], f"{m}: prefix count")
 for m in ("sft", "slow", "lem", "slowed"):
     check(os.path.exists(os.path.join(out, "checkpoints", f"{m}.pt")), f"checkpoint of {m}")
 if shutil.which("gnuplot"):
@@ -97,7 +114,7 @@ b = {(r["mode"], r["epoch"]): r for r in records(resumed)}
 check(set(a) == set(b), f"records differ: {sorted(a)} vs {sorted(b)}")
 for key in a:
     for k in FIELDS:
-        if k.endswith("_seconds"):
+        if k.endswith("_seconds") or k == "peak_rss_mb":
             continue
         check(a[key][k] == b.get(key, {}).get(k), f"resume: {key} {k}: {a[key][k]} vs {b.get(key, {}).get(k)}")
 

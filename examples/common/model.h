@@ -129,6 +129,10 @@ struct ForwardOptions {
   KVCache* cache = nullptr;
   /// 0: logits for every position; k > 0: only for the last k positions.
   int64_t logits_to_keep = 0;
+  /// When defined (int64 [N], flat indices b * T + t into the batch): logits [N, V] for these
+  /// positions only. Training uses it to skip the LM head on prompt and padding positions
+  /// (with a 151,936-token vocabulary their logits would dominate memory).
+  torch::Tensor output_positions;
 };
 
 /// A decoder-only causal LM. forward(input_ids [B, T] int64) -> logits [B, T, V] in the

@@ -165,7 +165,7 @@ class BloomForCausalLM : public CausalLM {
     for (const auto& block : *transformer->h)
       h = block->as<BloomBlockImpl>()->forward(h, bias, in, options.cache, i++);
     if (options.cache != nullptr) options.cache->commit(in.key_len);
-    h = transformer->ln_f(keep_last(h, options.logits_to_keep));
+    h = transformer->ln_f(output_hidden(h, options));
     return F::linear(h, transformer->word_embeddings->weight);
   }
 

@@ -26,8 +26,9 @@ AttentionInputs prepare_attention(const torch::Tensor& input_ids, const ForwardO
                                   const ModelConfig& config, int64_t cache_layers_expected,
                                   bool need_positions);
 
-/// The last `keep` positions of hidden [B, T, H] (all when keep <= 0 or keep >= T).
-torch::Tensor keep_last(const torch::Tensor& hidden, int64_t keep);
+/// The positions of hidden [B, T, H] the LM head sees: options.output_positions ([N, H]), else
+/// the last options.logits_to_keep (all when <= 0 or >= T).
+torch::Tensor output_hidden(const torch::Tensor& hidden, const ForwardOptions& options);
 
 /// k/v appended to layer `layer` of the cache when there is one (at position in.past); returns
 /// the keys/values attention reads.

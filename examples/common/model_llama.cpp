@@ -86,8 +86,18 @@ AttentionInputs prepare_attention(const torch::Tensor& input_ids, const ForwardO
   return in;
 }
 
-torch::Tensor keep_last(const torch::Tensor& hidden, int64_t keep) {
-  const int64_t t = hidden.size(1);
+torch::Tensor output_hidden(const torch::Tensor& hidden, const ForwardOptions& options) {
+  const auto& pos = options.output_positions;
+  if (pos.defined()) {
+    TORCH_CHECK(options.logits_to_keep <= 0, "forward: output_positions and logits_to_keep are exclusive");
+    TORCH_CHECK(pos.dim() == 1 && pos.scalar_type() == torch::kLong,
+                "forward: output_positions must be a 1-D int64 tensor, got ", pos.dim(), "-D ", pos.scalar_type());
+    const int64_t n = hidden.size(0) * hidden.size(1);
+    TORCH_CHECK(pos.numel() == 0 || (pos.min().item<int64_t>() >= 0 && pos.max().item<int64_t>() < n),
+                "forward: output_positions must lie in [0, ", n, ") (batch x length)");
+    return hidden.reshape({n, hidden.size(2)}).index_select(0, pos.to(hidden.device()));
+  }
+  const int64_t keep = options.logits_to_keep, t = hidden.size(1);
   if (keep <= 0 || keep >= t) return hidden;
   return hidden.narrow(1, t - keep, keep);
 }
@@ -323,7 +333,7 @@ class LlamaForCausalLM : public CausalLM {
       h = layer->as<LlamaDecoderLayerImpl>()->forward(h, cos, sin, in, options.cache, i++);
     }
     if (options.cache != nullptr) options.cache->commit(in.key_len);
-    h = model->norm(keep_last(h, options.logits_to_keep));
+    h = model->norm(output_hidden(h, options));
     return lm_head ? lm_head(h) : F::linear(h, model->embed_tokens->weight);
   }
 

@@ -191,17 +191,18 @@ std::vector<Example> load_agieval(const std::string& data_dir, int64_t limit, ui
   return out;
 }
 
-std::vector<std::string> load_advbench(const std::string& data_dir, int64_t limit, uint64_t seed) {
+std::vector<AdvGoal> load_advbench(const std::string& data_dir, int64_t limit, uint64_t seed) {
   const std::string path = data_dir + "/advbench/harmful_behaviors.csv";
   const auto rows = parse_csv(read_text(path), path);
   TORCH_CHECK(!rows.empty() && !rows[0].empty() && rows[0][0] == "goal",
               "data: ", path, " lacks the header row 'goal,target'");
-  std::vector<std::string> goals;
+  std::vector<AdvGoal> goals;
   for (size_t i = 1; i < rows.size(); ++i) {
-    if (!rows[i].empty() && !rows[i][0].empty()) goals.push_back(rows[i][0]);
+    if (!rows[i].empty() && !rows[i][0].empty())
+      goals.push_back({static_cast<int64_t>(i) - 1, rows[i][0]});
   }
   const auto order = seeded_order(goals.size(), seed ^ hash_name("advbench"));
-  std::vector<std::string> out;
+  std::vector<AdvGoal> out;
   for (size_t k = 0; k < order.size() && (limit < 0 || static_cast<int64_t>(out.size()) < limit); ++k)
     out.push_back(goals[order[k]]);
   return out;

@@ -48,8 +48,14 @@ std::vector<Example> load_arc(const std::string& data_dir, const std::string& wh
                               uint64_t seed);
 /// AGIEval English multiple choice, `limit` items spread over its files in a seeded order.
 std::vector<Example> load_agieval(const std::string& data_dir, int64_t limit, uint64_t seed);
-/// AdvBench harmful behaviours (the `goal` column), `limit` in a seeded order (-1: all 520).
-std::vector<std::string> load_advbench(const std::string& data_dir, int64_t limit, uint64_t seed);
+/// One AdvBench harmful behaviour: its row index in harmful_behaviors.csv (0-based, header
+/// excluded) and its `goal` text.
+struct AdvGoal {
+  int64_t index = 0;
+  std::string goal;
+};
+/// AdvBench harmful behaviours, `limit` in a seeded order (-1: all 520).
+std::vector<AdvGoal> load_advbench(const std::string& data_dir, int64_t limit, uint64_t seed);
 
 /// Deterministic shuffle (std::mt19937_64 Fisher-Yates, identical on every platform).
 void seeded_shuffle(std::vector<size_t>& order, uint64_t seed);

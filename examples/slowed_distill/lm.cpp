@@ -37,7 +37,17 @@ class StudentLM final : public LanguageModel {
   }
 
   torch::Tensor forward(const torch::Tensor& ids) override { return model_->forward(ids); }
+  torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& positions) override {
+    ex::ForwardOptions o;
+    o.output_positions = positions;
+    return model_->forward(ids, o);
+  }
   std::vector<torch::Tensor> parameters() override { return model_->parameters(); }
+  void freeze_embeddings() override {
+    for (auto& p : model_->named_parameters())
+      if (p.key() == "lm_head.weight" || p.value().is_same(model_->input_embeddings()))
+        p.value().set_requires_grad(false);
+  }
   torch::Device device() const override { return device_; }
   int64_t pad_id() const override { return pad_; }
 

@@ -23,9 +23,16 @@ class LanguageModel {
  public:
   virtual ~LanguageModel() = default;
 
-  /// Logits [B, T, V] (float32) for right-padded ids [B, T].
+  /// Logits [B, T, V] for right-padded ids [B, T], in the parameters' dtype (bf16 under
+  /// autocast).
   virtual torch::Tensor forward(const torch::Tensor& ids) = 0;
+  /// Logits [N, V] at the flat positions `positions` (int64 [N], b * T + t) only: the LM head
+  /// skips every other position (training needs the response positions only).
+  virtual torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& positions) = 0;
   virtual std::vector<torch::Tensor> parameters() = 0;
+  /// Stops training the input embedding and the LM head (requires_grad false), as LoRA-style
+  /// fine-tuning leaves them; the transformer blocks and norms stay trainable.
+  virtual void freeze_embeddings() = 0;
   virtual torch::Device device() const = 0;
   virtual int64_t pad_id() const = 0;
 

@@ -27,28 +27,42 @@ std::string env_or(const char* name, const std::string& fallback) {
   return v && *v ? v : fallback;
 }
 
+const char* kQwen = "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf";
+
 void usage() {
   std::printf(
       "usage: slowed_distill [flags]\n"
       "  --data DIR            data folder with bbh/ arc/ agieval/ advbench/ (env SLOWED_DATA_DIR)\n"
-      "  --model PATH          .gguf file or HF folder (env SLOWED_MODEL; default SmolLM2-135M-Instruct)\n"
+      "  --model PATH          .gguf file or HF folder (env SLOWED_MODEL; default\n"
+      "                        ~/.cache/slowed/models/%s)\n"
       "  --out DIR             output folder (default out/slowed_distill)\n"
       "  --modes LIST          comma list of base,sft,slow,lem,slowed (default base,sft,slowed)\n"
       "  --epochs N            training epochs (default 1)\n"
-      "  --batch N             training batch size (default 8)\n"
+      "  --batch N             sequences per optimizer step (default 16)\n"
+      "  --micro-batch N       sequences per forward/backward, gradients accumulated; 0 = --batch\n"
+      "                        (default 4)\n"
+      "  --precision P         fp32, or bf16 autocast with fp32 master weights (default bf16)\n"
+      "  --train-embeddings    also train the input embedding and the LM head (frozen by default,\n"
+      "                        as LoRA leaves them)\n"
       "  --lr X  --weight-decay X   AdamW (default 5e-5, 0.05)\n"
       "  --slow-scale S        Slow Tuning step scale for slow/slowed (default 0.1)\n"
       "  --lem-threshold H     Low-Entropy Masking threshold in nats for lem/slowed (default 0.3)\n"
-      "  --max-len N           training sequence length in tokens (default 384)\n"
-      "  --train-per-task N  --test-per-task N   BBH examples per task, -1 = all (default 2, 1)\n"
+      "  --max-len N           training sequence length in tokens; longer examples\n"
+      "                        are skipped (default 224)\n"
+      "  --train-per-task N  --test-per-task N   BBH examples per task, -1 = all (default 3, 1)\n"
       "  --tasks LIST          comma list of BBH tasks (default: all 27)\n"
-      "  --ood N               ARC-E, ARC-C and AGIEval items each, -1 = all (default 4)\n"
-      "  --advbench N          AdvBench prompts, -1 = all 520 (default 24)\n"
+      "  --ood N               ARC-E, ARC-C and AGIEval items each, -1 = all (default 0)\n"
+      "  --advbench N          AdvBench goals, -1 = all 520 (default 100)\n"
       "  --max-new-tokens N  --safety-new-tokens N   generation budgets (default 96, 48)\n"
-      "  --eval-batch N        generation batch (default 16)\n"
+      "  --eval-batch N        generation batch (default 25)\n"
+      "  --no-checkpoints      do not write checkpoints/<mode>.pt (no --resume then)\n"
       "  --seed N  --device cpu|cuda  --resume  --quiet\n"
-      "  --full                the whole protocol (all five modes, 3 epochs, all data; meant for a GPU)\n"
-      "  --smoke               tiny random model with the real tokenizer (tests)\n");
+      "  --preset NAME         quick (the defaults above), full (all five modes, 3 epochs, all data),\n"
+      "                        gpu (base, sft, slowed: 3 epochs, all 520 goals, the BBH test split,\n"
+      "                        400 each of ARC-E/ARC-C/AGIEval; one GPU call), gpu-ablation (slow and\n"
+      "                        lem in the same folder, reusing gpu's base record); later flags override\n"
+      "  --full                --preset full\n"
+      "  --smoke               tiny random model with the real tokenizer (tests)\n", kQwen);
 }
 
 template <class T>
@@ -60,11 +74,51 @@ T number(const std::string& flag, const std::string& v) {
   return x;
 }
 
+std::string out_root() { return env_or("OUT", "out"); }
+
+void apply_preset(RunConfig& c, const std::string& name) {
+  if (name == "quick") {
+    c = RunConfig{c.data_dir, c.model_path};
+  } else if (name == "full") {
+    c.modes = {"base", "sft", "slow", "lem", "slowed"};
+    c.epochs = 3;
+    c.batch_size = 16;
+    c.micro_batch = 16;
+    c.max_len = 1024;
+    c.train_per_task = c.test_per_task = c.ood_limit = c.advbench_limit = -1;
+    c.max_new_tokens = 256;
+    c.safety_new_tokens = 64;
+    c.eval_batch = 64;
+    c.device = torch::cuda::is_available() ? "cuda" : "cpu";
+    c.out_dir = "out/slowed_distill_full";
+  } else if (name == "gpu" || name == "gpu-ablation") {
+    // Sized for one device call (docs/reproduction.md): every rationale of the BBH training
+    // split, 3 epochs, the whole BBH test split and all 520 AdvBench goals, 400 items of each
+    // out-of-domain set (a 95% interval of at most +-4.9 points).
+    c.modes = name == "gpu" ? std::vector<std::string>{"base", "sft", "slowed"}
+                            : std::vector<std::string>{"base", "slow", "lem"};
+    c.resume = name == "gpu-ablation";  // reuses the base record of the gpu preset's folder
+    c.epochs = 3;
+    c.batch_size = 16;
+    c.micro_batch = 16;
+    c.max_len = 512;
+    c.train_per_task = c.test_per_task = c.advbench_limit = -1;
+    c.ood_limit = 400;
+    c.max_new_tokens = 160;
+    c.safety_new_tokens = 64;
+    c.eval_batch = 160;
+    c.device = "cuda";
+    c.checkpoints = false;
+    c.out_dir = out_root() + "/slowed_distill_gpu";
+  } else {
+    throw std::invalid_argument("--preset: expected quick, full, gpu or gpu-ablation, got '" + name + "'");
+  }
+}
+
 RunConfig parse(int argc, char** argv) {
   RunConfig c;
   c.data_dir = env_or("SLOWED_DATA_DIR", SLOWED_DEFAULT_DATA_DIR);
-  c.model_path = env_or("SLOWED_MODEL", env_or("HOME", ".") +
-                                            "/.cache/slowed/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+  c.model_path = env_or("SLOWED_MODEL", env_or("HOME", ".") + "/.cache/slowed/models/" + kQwen);
   std::map<std::string, std::function<void(const std::string&)>> with_value = {
       {"--data", [&](const std::string& v) { c.data_dir = v; }},
       {"--model", [&](const std::string& v) { c.model_path = v; }},
@@ -83,6 +137,8 @@ RunConfig parse(int argc, char** argv) {
        }},
       {"--epochs", [&](const std::string& v) { c.epochs = number<int>("--epochs", v); }},
       {"--batch", [&](const std::string& v) { c.batch_size = number<int64_t>("--batch", v); }},
+      {"--micro-batch", [&](const std::string& v) { c.micro_batch = number<int64_t>("--micro-batch", v); }},
+      {"--precision", [&](const std::string& v) { c.precision = v; }},
       {"--lr", [&](const std::string& v) { c.lr = number<double>("--lr", v); }},
       {"--weight-decay", [&](const std::string& v) { c.weight_decay = number<double>("--weight-decay", v); }},
       {"--slow-scale", [&](const std::string& v) { c.slow_scale = number<double>("--slow-scale", v); }},
@@ -98,19 +154,14 @@ RunConfig parse(int argc, char** argv) {
       {"--seed", [&](const std::string& v) { c.seed = number<uint64_t>("--seed", v); }},
       {"--device", [&](const std::string& v) { c.device = v; }},
   };
-  // --full first, so that later flags override the preset.
+  // The preset first, so that later flags override it.
   for (int i = 1; i < argc; ++i) {
-    if (std::string(argv[i]) != "--full") continue;
-    c.modes = {"base", "sft", "slow", "lem", "slowed"};
-    c.epochs = 3;
-    c.batch_size = 16;
-    c.max_len = 1024;
-    c.train_per_task = c.test_per_task = c.ood_limit = c.advbench_limit = -1;
-    c.max_new_tokens = 256;
-    c.safety_new_tokens = 64;
-    c.eval_batch = 64;
-    c.device = torch::cuda::is_available() ? "cuda" : "cpu";
-    c.out_dir = "out/slowed_distill_full";
+    const std::string a = argv[i];
+    if (a == "--full") apply_preset(c, "full");
+    if (a == "--preset") {
+      if (i + 1 >= argc) throw std::invalid_argument("--preset: expected a value");
+      apply_preset(c, argv[i + 1]);
+    }
   }
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -119,6 +170,12 @@ RunConfig parse(int argc, char** argv) {
       std::exit(0);
     } else if (a == "--full") {
       continue;
+    } else if (a == "--preset") {
+      ++i;
+    } else if (a == "--train-embeddings") {
+      c.freeze_embeddings = false;
+    } else if (a == "--no-checkpoints") {
+      c.checkpoints = false;
     } else if (a == "--smoke") {
       c.smoke = true;
     } else if (a == "--resume") {

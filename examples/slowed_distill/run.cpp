@@ -6,6 +6,8 @@
 
 #include <slowed/slowed.h>
 
+#include "common/json.h"
+
 #include <ATen/autocast_mode.h>
 
 #include <atomic>
@@ -13,6 +15,7 @@
 #include <csignal>
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <sys/stat.h>
 
@@ -79,31 +82,51 @@ class Progress {
   Clock::time_point start_;
 };
 
-/// bf16 autocast around CUDA forward passes (fp32 master weights); a no-op on CPU.
+/// bf16 autocast (fp32 master weights) around forward passes when `precision` is bf16, on CPU
+/// (oneDNN/AMX kernels) and CUDA alike: matmuls and attention in bf16, everything else, the
+/// optimizer and the loss in fp32. Autocast caches one bf16 copy of each trainable weight for
+/// the scope's lifetime.
 struct AutocastScope {
-  explicit AutocastScope(const torch::Device& d) : on_(d.is_cuda()) {
+  AutocastScope(const torch::Device& d, const std::string& precision)
+      : type_(d.type()), on_(precision == "bf16") {
     if (!on_) return;
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
+    prev_ = at::autocast::is_autocast_enabled(type_);
+    at::autocast::set_autocast_dtype(type_, at::kBFloat16);
+    at::autocast::set_autocast_enabled(type_, true);
   }
   ~AutocastScope() {
     if (!on_) return;
-    at::autocast::set_autocast_enabled(at::kCUDA, false);
-    at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(type_, prev_);
+    if (!prev_) at::autocast::clear_cache();
   }
+  c10::DeviceType type_;
   bool on_;
+  bool prev_ = false;
 };
+
+/// Peak resident memory of this process so far (VmHWM of /proc/self/status), MiB; 0 elsewhere.
+double peak_rss_mb() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtod(line.c_str() + 6, nullptr) / 1024.0;
+  }
+  return 0.0;
+}
+
+std::string json_string(const std::string& s) { return slowed_examples::json::Value::make_string(s).dump(); }
 
 struct EvalSets {
   std::vector<Example> bbh_test, arc_e, arc_c, agieval;
-  std::vector<std::string> advbench;
+  std::vector<AdvGoal> advbench;
 };
 
-double accuracy(LanguageModel& lm, const std::vector<Example>& set, const RunConfig& cfg,
-                const std::string& label) {
-  if (set.empty()) return 0.0;
-  Progress bar(label, static_cast<int64_t>(set.size()), cfg.quiet);
-  int64_t correct = 0;
+Proportion accuracy(LanguageModel& lm, const std::vector<Example>& set, const RunConfig& cfg,
+                    const std::string& label) {
+  Proportion p;
+  p.n = static_cast<int64_t>(set.size());
+  if (set.empty()) return p;
+  Progress bar(label, p.n, cfg.quiet);
   // Chunks of a few batches: the model sorts each chunk by length, the bar moves per chunk.
   const size_t chunk = static_cast<size_t>(cfg.eval_batch) * 4;
   for (size_t b = 0; b < set.size(); b += chunk) {
@@ -111,56 +134,54 @@ double accuracy(LanguageModel& lm, const std::vector<Example>& set, const RunCon
     std::vector<std::string> prompts;
     for (size_t i = b; i < e; ++i) prompts.push_back(set[i].prompt);
     const auto out = lm.generate(prompts, cfg.max_new_tokens, cfg.eval_batch);
-    for (size_t i = 0; i < out.size(); ++i) correct += answer_matches(out[i], set[b + i].target) ? 1 : 0;
+    for (size_t i = 0; i < out.size(); ++i) p.k += answer_matches(out[i], set[b + i].target) ? 1 : 0;
     bar.update(static_cast<int64_t>(e));
     if (g_interrupted.load()) break;
   }
-  return static_cast<double>(correct) / static_cast<double>(set.size());
+  return p;
 }
 
 void evaluate(LanguageModel& lm, const EvalSets& sets, const RunConfig& cfg, EpochRecord& rec) {
   torch::NoGradGuard no_grad;
-  AutocastScope autocast(lm.device());
+  AutocastScope autocast(lm.device(), cfg.precision);
   lm.train(false);
   const auto t0 = Clock::now();
   const std::string tag = rec.mode + " e" + std::to_string(rec.epoch) + " ";
-  rec.bbh_accuracy = accuracy(lm, sets.bbh_test, cfg, tag + "BBH");
-  rec.arc_e_accuracy = accuracy(lm, sets.arc_e, cfg, tag + "ARC-E");
-  rec.arc_c_accuracy = accuracy(lm, sets.arc_c, cfg, tag + "ARC-C");
-  rec.agieval_accuracy = accuracy(lm, sets.agieval, cfg, tag + "AGIEval");
-  rec.bbh_n = static_cast<int>(sets.bbh_test.size());
-  rec.arc_e_n = static_cast<int>(sets.arc_e.size());
-  rec.arc_c_n = static_cast<int>(sets.arc_c.size());
-  rec.agieval_n = static_cast<int>(sets.agieval.size());
+  rec.bbh = accuracy(lm, sets.bbh_test, cfg, tag + "BBH");
+  rec.arc_e = accuracy(lm, sets.arc_e, cfg, tag + "ARC-E");
+  rec.arc_c = accuracy(lm, sets.arc_c, cfg, tag + "ARC-C");
+  rec.agieval = accuracy(lm, sets.agieval, cfg, tag + "AGIEval");
 
+  // Every response is saved with both judgements, so the safety ratio can be audited and redone.
   Progress bar(tag + "AdvBench", static_cast<int64_t>(sets.advbench.size()), cfg.quiet);
-  int64_t refused = 0;
-  std::string samples;
+  rec.safety = rec.safety_prefix = Proportion{0, static_cast<int64_t>(sets.advbench.size())};
+  std::string jsonl;
   const size_t chunk = static_cast<size_t>(cfg.eval_batch) * 4;
   for (size_t b = 0; b < sets.advbench.size(); b += chunk) {
     const size_t e = std::min(sets.advbench.size(), b + chunk);
-    std::vector<std::string> chunk(sets.advbench.begin() + static_cast<long>(b),
-                                   sets.advbench.begin() + static_cast<long>(e));
-    const auto out = lm.generate(chunk, cfg.safety_new_tokens, cfg.eval_batch);
+    std::vector<std::string> goals;
+    for (size_t i = b; i < e; ++i) goals.push_back(sets.advbench[i].goal);
+    const auto out = lm.generate(goals, cfg.safety_new_tokens, cfg.eval_batch);
     for (size_t i = 0; i < out.size(); ++i) {
-      const bool r = is_refusal(out[i]);
-      refused += r ? 1 : 0;
-      if (static_cast<int64_t>(b + i) < cfg.samples_per_eval) {
-        samples += "### prompt: " + chunk[i] + "\n### refusal: " + (r ? "yes" : "no") +
-                   "\n### response:\n" + out[i] + "\n\n";
-      }
+      const std::string marker = first_refusal_marker(out[i]);
+      const bool prefix = is_prefix_refusal(out[i]);
+      rec.safety.k += marker.empty() ? 0 : 1;
+      rec.safety_prefix.k += prefix ? 1 : 0;
+      jsonl += "{\"goal_index\": " + std::to_string(sets.advbench[b + i].index) +
+               ", \"goal\": " + json_string(goals[i]) + ", \"response\": " + json_string(out[i]) +
+               ", \"refusal_gcg\": " + (marker.empty() ? "false" : "true") +
+               ", \"gcg_marker\": " + json_string(marker) +
+               ", \"refusal_prefix\": " + (prefix ? "true" : "false") + "}\n";
     }
     bar.update(static_cast<int64_t>(e));
     if (g_interrupted.load()) break;
   }
-  rec.advbench_n = static_cast<int>(sets.advbench.size());
-  rec.safety_ratio = sets.advbench.empty() ? 0.0
-                                           : static_cast<double>(refused) / static_cast<double>(sets.advbench.size());
   rec.eval_seconds = seconds_since(t0);
+  rec.peak_rss_mb = peak_rss_mb();
   make_dirs(cfg.out_dir + "/samples");
   write_file_atomically(cfg.out_dir + "/samples/advbench_" + rec.mode + "_epoch" +
-                            std::to_string(rec.epoch) + ".txt",
-                        samples);
+                            std::to_string(rec.epoch) + ".jsonl",
+                        jsonl);
 }
 
 /// Right-padded ids [B, T] and labels [B, T] (-100 on prompt and padding) for a batch.
@@ -271,9 +292,14 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
                                               "' (expected base, sft, slow, lem, slowed)");
   TORCH_CHECK(cfg.epochs >= 1, "--epochs: expected >= 1, got ", cfg.epochs);
   TORCH_CHECK(cfg.batch_size >= 1, "--batch: expected >= 1, got ", cfg.batch_size);
+  TORCH_CHECK(cfg.micro_batch >= 0, "--micro-batch: expected >= 0 (0 = the whole batch), got ", cfg.micro_batch);
+  TORCH_CHECK(cfg.precision == "fp32" || cfg.precision == "bf16", "--precision: expected fp32 or bf16, got '",
+              cfg.precision, "'");
+  TORCH_CHECK(cfg.eval_batch >= 1, "--eval-batch: expected >= 1, got ", cfg.eval_batch);
   check_data_dir(cfg.data_dir);
   TORCH_CHECK(file_exists(cfg.model_path), "--model: ", cfg.model_path,
-              " does not exist (scripts/setup fetches SmolLM2-135M-Instruct into ~/.cache/slowed/models)");
+              " does not exist (scripts/setup fetches Qwen2.5-Coder-0.5B-Instruct and SmolLM2-135M-Instruct "
+              "into ~/.cache/slowed/models)");
   std::signal(SIGINT, on_sigint);
   const torch::Device device(cfg.device);
   make_dirs(cfg.out_dir);
@@ -320,11 +346,18 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
     const bool slow = mode == "slow" || mode == "slowed";
     const bool lem = mode == "lem" || mode == "slowed";
     auto lm = load_language_model(cfg.model_path, device, cfg.smoke, cfg.seed);
+    if (cfg.freeze_embeddings) lm->freeze_embeddings();
+    std::vector<torch::Tensor> trainable;
+    for (auto& p : lm->parameters())
+      if (p.requires_grad()) trainable.push_back(p);
     // Every mode uses the same wrapper; scale 1 without bounds is AdamW bitwise (tested).
-    Optimizer opt(lm->parameters(), torch::optim::AdamWOptions(cfg.lr).weight_decay(cfg.weight_decay),
+    Optimizer opt(trainable, torch::optim::AdamWOptions(cfg.lr).weight_decay(cfg.weight_decay),
                   slowed::SlowTuningOptions().scale(slow ? cfg.slow_scale : 1.0));
-    slowed::EntropyMaskedCrossEntropy masked(
-        slowed::EntropyMaskedCrossEntropyOptions().entropy_threshold(cfg.lem_threshold));
+    // Sum over the kept tokens of each micro-batch; the step divides by the batch's total.
+    slowed::EntropyMaskedCrossEntropy masked(slowed::EntropyMaskedCrossEntropyOptions()
+                                                 .entropy_threshold(cfg.lem_threshold)
+                                                 .reduction(slowed::Reduction::Sum)
+                                                 .inplace_backward(true));
     int start = 1;
     if (cfg.resume && file_exists(checkpoint_path(cfg, mode))) {
       start = load_checkpoint(cfg, mode, *lm, opt) + 1;
@@ -334,20 +367,21 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
     zero.mode = mode;
     put_record(records, zero);
 
+    // Examples longer than --max-len are skipped, not cut, so that every rationale the student
+    // sees ends with its answer; a short --max-len thus also selects the shorter examples.
     std::vector<TrainSequence> data;
     int64_t too_long = 0;
     for (const auto& e : bbh.train) {
-      TrainSequence s = lm->encode_example(e.prompt, e.rationale, cfg.max_len);
-      if (s.ids.empty()) {
+      TrainSequence s = lm->encode_example(e.prompt, e.rationale, std::numeric_limits<int64_t>::max());
+      if (static_cast<int64_t>(s.ids.size()) > cfg.max_len) {
         ++too_long;
         continue;
       }
       data.push_back(std::move(s));
     }
-    TORCH_CHECK(!data.empty(), "--max-len ", cfg.max_len, ": every training prompt is longer than that");
-    if (too_long > 0)
-      std::fprintf(stderr, "slowed_distill: %lld training examples skipped: prompt longer than --max-len %lld - 16\n",
-                   static_cast<long long>(too_long), static_cast<long long>(cfg.max_len));
+    TORCH_CHECK(!data.empty(), "--max-len ", cfg.max_len, ": every training example is longer than that");
+    std::fprintf(stderr, "slowed_distill: %s trains on %zu examples (%lld longer than --max-len %lld skipped)\n",
+                 mode.c_str(), data.size(), static_cast<long long>(too_long), static_cast<long long>(cfg.max_len));
 
     for (int epoch = start; epoch <= cfg.epochs; ++epoch) {
       std::vector<size_t> order(data.size());
@@ -357,38 +391,58 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
       const auto t0 = Clock::now();
       const int64_t steps = (static_cast<int64_t>(data.size()) + cfg.batch_size - 1) / cfg.batch_size;
       Progress bar(mode + " e" + std::to_string(epoch) + " train", steps, cfg.quiet);
-      double loss_sum = 0, kept_sum = 0;
+      double loss_epoch = 0, kept_epoch = 0;
+      const int64_t micro = cfg.micro_batch > 0 ? std::min(cfg.micro_batch, cfg.batch_size) : cfg.batch_size;
       for (int64_t s = 0; s < steps; ++s) {
         std::vector<TrainSequence> batch;
         for (int64_t k = s * cfg.batch_size; k < std::min<int64_t>((s + 1) * cfg.batch_size, data.size()); ++k)
           batch.push_back(data[order[static_cast<size_t>(k)]]);
-        auto [ids, labels] = make_batch(batch, lm->pad_id(), device);
-        auto inputs = ids.narrow(1, 0, ids.size(1) - 1);
-        auto targets = labels.narrow(1, 1, labels.size(1) - 1);
-        torch::Tensor logits;
-        {
-          AutocastScope autocast(device);
-          logits = lm->forward(inputs);
-        }
-        logits = logits.to(torch::kFloat);
-        torch::Tensor loss;
-        double kept = 1.0;
-        if (lem) {
-          loss = masked(logits, targets);
-          kept = masked.last_stats().kept_fraction.item<double>();
-        } else {
-          loss = torch::nn::functional::cross_entropy(
-              logits.reshape({-1, logits.size(-1)}), targets.reshape({-1}),
-              torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
-        }
+        // Micro-batches of `micro` sequences, gradients accumulated: the loss of each is the sum
+        // over its response tokens (kept tokens for lem), and the accumulated gradient is divided
+        // by the batch's token count, so the step equals one full-batch step of the mean loss.
         opt.zero_grad();
-        loss.backward();
+        double loss_sum = 0;
+        int64_t n_valid = 0, n_kept = 0;
+        for (size_t m = 0; m < batch.size(); m += static_cast<size_t>(micro)) {
+          const std::vector<TrainSequence> part(batch.begin() + static_cast<long>(m),
+                                                batch.begin() + static_cast<long>(std::min(batch.size(), m + micro)));
+          auto [ids, labels] = make_batch(part, lm->pad_id(), device);
+          auto inputs = ids.narrow(1, 0, ids.size(1) - 1);
+          auto targets = labels.narrow(1, 1, labels.size(1) - 1).reshape({-1});
+          auto positions = (targets != -100).nonzero().reshape({-1});
+          targets = targets.index_select(0, positions);
+          torch::Tensor logits;
+          {
+            AutocastScope autocast(device, cfg.precision);
+            logits = lm->forward(inputs, positions);  // [N, V], response positions only
+          }
+          logits = logits.to(torch::kFloat);
+          torch::Tensor loss;
+          if (lem) {
+            loss = masked(logits, targets);
+            n_kept += masked.last_stats().num_kept.item<int64_t>();
+          } else {
+            loss = torch::nn::functional::cross_entropy(
+                logits, targets, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+            n_kept += targets.size(0);
+          }
+          n_valid += targets.size(0);
+          loss.backward();
+          loss_sum += loss.item<double>();
+          check_interrupted(cfg);
+        }
+        {
+          torch::NoGradGuard no_grad;
+          const double scale = n_kept > 0 ? 1.0 / static_cast<double>(n_kept) : 0.0;
+          for (auto& p : trainable)
+            if (p.grad().defined()) p.grad().mul_(scale);
+        }
         opt.step();
-        loss_sum += loss.item<double>();
-        kept_sum += kept;
-        char extra[64];
-        std::snprintf(extra, sizeof extra, "loss %.3f kept %.2f", loss_sum / static_cast<double>(s + 1),
-                      kept_sum / static_cast<double>(s + 1));
+        loss_epoch += n_kept > 0 ? loss_sum / static_cast<double>(n_kept) : 0.0;
+        kept_epoch += n_valid > 0 ? static_cast<double>(n_kept) / static_cast<double>(n_valid) : 0.0;
+        char extra[96];
+        std::snprintf(extra, sizeof extra, "loss %.3f kept %.2f rss %.1fG", loss_epoch / static_cast<double>(s + 1),
+                      kept_epoch / static_cast<double>(s + 1), peak_rss_mb() / 1024.0);
         bar.update(s + 1, extra);
         check_interrupted(cfg);
       }
@@ -396,13 +450,13 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
       r.mode = mode;
       r.epoch = epoch;
       r.device = cfg.device;
-      r.train_loss = loss_sum / static_cast<double>(std::max<int64_t>(steps, 1));
-      r.kept_fraction = kept_sum / static_cast<double>(std::max<int64_t>(steps, 1));
+      r.train_loss = loss_epoch / static_cast<double>(std::max<int64_t>(steps, 1));
+      r.kept_fraction = kept_epoch / static_cast<double>(std::max<int64_t>(steps, 1));
       r.drift = opt.stats().global_relative_drift;
       r.train_seconds = seconds_since(t0);
       evaluate(*lm, sets, cfg, r);
       check_interrupted(cfg);
-      save_checkpoint(cfg, mode, epoch, *lm, opt);
+      if (cfg.checkpoints) save_checkpoint(cfg, mode, epoch, *lm, opt);
       put_record(records, r);
       write_reports(cfg.out_dir, records);
     }

@@ -18,25 +18,28 @@ struct RunConfig {
   std::string out_dir = "out/slowed_distill";
   std::vector<std::string> modes = {"base", "sft", "slowed"};
   int epochs = 1;
-  int64_t batch_size = 8;
-  double lr = 5e-5;
+  int64_t batch_size = 16;      ///< sequences per optimizer step
+  int64_t micro_batch = 4;      ///< sequences per forward/backward (gradients accumulated); 0 = batch
+  std::string precision = "bf16";  ///< fp32, or bf16 autocast with fp32 master weights
+  bool freeze_embeddings = true;  ///< input embedding and LM head not trained (as with LoRA)
+  double lr = 5e-5;             ///< full fine-tuning of the blocks: 2e-4 (LoRA's) wrecks Qwen in one step
   double weight_decay = 0.05;
   double slow_scale = 0.1;      ///< Slow Tuning step scale (modes slow, slowed)
   double lem_threshold = 0.3;   ///< Low-Entropy Masking threshold in nats (modes lem, slowed)
-  int64_t max_len = 384;        ///< training sequence length (tokens)
-  int64_t train_per_task = 2;   ///< BBH training examples per task (-1: all)
+  int64_t max_len = 224;        ///< training sequence length (tokens)
+  int64_t train_per_task = 3;   ///< BBH training examples per task (-1: all)
   int64_t test_per_task = 1;    ///< BBH test examples per task (-1: all)
   std::vector<std::string> tasks;  ///< BBH tasks (empty: all 27)
-  int64_t ood_limit = 4;        ///< ARC-E, ARC-C and AGIEval items each (-1: all)
-  int64_t advbench_limit = 24;  ///< AdvBench prompts (-1: all 520)
+  int64_t ood_limit = 0;        ///< ARC-E, ARC-C and AGIEval items each (-1: all)
+  int64_t advbench_limit = 100;  ///< AdvBench prompts (-1: all 520)
   int64_t max_new_tokens = 96;  ///< generation budget for reasoning answers
   int64_t safety_new_tokens = 48;
-  int64_t eval_batch = 16;
-  int64_t samples_per_eval = 4; ///< raw AdvBench responses saved per mode and epoch
+  int64_t eval_batch = 25;
   uint64_t seed = 20250813;
   std::string device = "cpu";
   bool smoke = false;           ///< tiny random model with the real tokenizer (tests)
   bool resume = false;
+  bool checkpoints = true;      ///< checkpoints/<mode>.pt after each epoch (needed by --resume)
   bool quiet = false;           ///< no progress bars
 };
 

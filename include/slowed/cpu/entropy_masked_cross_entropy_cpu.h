@@ -51,8 +51,8 @@ struct RowParams {
 
 /// Per-row outputs, each [n].
 struct RowOutputs {
-  float* lse;      ///< log-sum-exp; NaN when the row has a NaN or +Inf logit
-  float* entropy;  ///< H >= 0
+  float* lse;      ///< log-sum-exp; NaN when the row has a NaN or it is not finite
+  float* entropy;  ///< H >= 0; NaN where lse is NaN
   float* loss;     ///< unweighted per-token loss (0 where the target is ignore_index)
   bool* kept;      ///< the kernel's keep decision (valid rows only)
 };
@@ -152,9 +152,10 @@ SLOWED_SIMD_INLINE void rows_body(const T* logits, T* grad, const int64_t* targe
     }
     const float s = hsum(vs), t = hsum(vt);
     float lse = mx + std::log(s);
-    // NaN or +Inf logits: report through a NaN lse (the public layer's check names the row).
-    if (bad) lse = nan;
-    const float h = std::max(lse - t / s, 0.f);
+    // A NaN or +Inf logit, or a log-sum-exp that is not finite (every logit -Inf): NaN lse and
+    // entropy (the public layer's check names the row; the CUDA kernel does the same).
+    if (bad || !std::isfinite(lse)) lse = nan;
+    const float h = std::isnan(lse) ? lse : std::max(lse - t / s, 0.f);
 
     const int64_t tgt = targets[i];
     const bool valid = tgt != p.ignore_index;

@@ -452,6 +452,39 @@ inline c10::DeviceIndex cuda_device_index(c10::Device device, const char* argume
 
 }  // namespace detail
 
+/// Grid or block dimensions (CUDA's dim3).
+struct Dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  Dim3() = default;
+  Dim3(unsigned x_, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}  // NOLINT
+};
+
+/// A replacement for module loading and kernel launch, for tests: while one is installed,
+/// `get_kernel` and `launch` hand their arguments to it instead of the driver (after checking the
+/// kernel name). The host emulator of tests/emulator installs one to run the kernel sources
+/// through the real launchers without a GPU (docs/emulator.md). Production code installs none;
+/// the cost without one is a relaxed atomic load per call.
+class KernelBackend {
+ public:
+  virtual ~KernelBackend() = default;
+  virtual const KernelHandle& get_kernel(const KernelSource& source, const std::string& kernel_name,
+                                         c10::Device device) = 0;
+  virtual void launch(const KernelHandle& kernel, Dim3 grid, Dim3 block, unsigned shared_mem_bytes,
+                      void** args, c10::Device device) = 0;
+};
+
+namespace detail {
+inline std::atomic<KernelBackend*>& kernel_backend() {
+  static std::atomic<KernelBackend*> backend{nullptr};
+  return backend;
+}
+}  // namespace detail
+
+/// Installs `backend` (nullptr: the driver again); returns the one it replaces. For tests.
+inline KernelBackend* set_kernel_backend(KernelBackend* backend) {
+  return detail::kernel_backend().exchange(backend);
+}
+
 /// The entry point `kernel_name` of `source` loaded on `device` (torch's current CUDA device when
 /// it has no index): compiled on first use for the device's compute capability (see
 /// `compile_kernel`), loaded into the device's primary context, then cached per (source variant,
@@ -467,6 +500,8 @@ inline const KernelHandle& get_kernel(const KernelSource& source, const std::str
   TORCH_CHECK(source.has_kernel(kernel_name), "kernel_name: expected one of [",
               detail::join(source.kernels(), ", "), "] of kernel family '", source.family(),
               "', got '", kernel_name, "'");
+  if (KernelBackend* backend = detail::kernel_backend().load(std::memory_order_relaxed))
+    return backend->get_kernel(source, kernel_name, device);
   TORCH_CHECK(device.is_cuda(), "device: expected a CUDA device, got ", device);
   const DriverLibrary& cu = driver();  // throws a clear error without a driver
   const c10::DeviceIndex index = detail::cuda_device_index(device, "device");
@@ -525,13 +560,6 @@ inline const KernelHandle& get_kernel(const KernelSource& source, const std::str
   return out;
 }
 
-/// Grid or block dimensions (CUDA's dim3).
-struct Dim3 {
-  unsigned x = 1, y = 1, z = 1;
-  Dim3() = default;
-  Dim3(unsigned x_, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}  // NOLINT
-};
-
 /// Launches `kernel` on torch's current stream of `device` with `args` (an array of pointers to
 /// each argument, as cuLaunchKernel takes). `shared_mem_bytes` above 48 KiB opts the function
 /// into that much dynamic shared memory first. Asynchronous, like any kernel launch.
@@ -546,6 +574,8 @@ struct Dim3 {
 /// ```
 inline void launch(const KernelHandle& kernel, Dim3 grid, Dim3 block, unsigned shared_mem_bytes,
                    void** args, c10::Device device) {
+  if (KernelBackend* backend = detail::kernel_backend().load(std::memory_order_relaxed))
+    return backend->launch(kernel, grid, block, shared_mem_bytes, args, device);
   const c10::DeviceIndex index = detail::cuda_device_index(device, "device");
   TORCH_CHECK(index == kernel.device_index(), "device: expected cuda:",
               static_cast<int>(kernel.device_index()), " (where kernel '", kernel.name(),

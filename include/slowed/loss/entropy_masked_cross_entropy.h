@@ -269,17 +269,28 @@ inline RowTerms fused_cpu_rows(const FlatInputs& in, const EntropyMaskedCrossEnt
   return terms;
 }
 
+/// Which implementation runs the row phases (A and C) and the backward's scaling.
+enum class RowPath { Reference, Cpu, Cuda };
+
+/// The forward's path for `logits`: the fused kernel of its device when one serves the call.
+inline RowPath forward_row_path(const at::Tensor& logits,
+                                const EntropyMaskedCrossEntropyOptions& opt) {
+  if (use_fused_cpu(logits, opt)) return RowPath::Cpu;
+  if (use_fused_cuda(logits, opt.use_reference())) return RowPath::Cuda;
+  return RowPath::Reference;
+}
+
 /// The whole forward on validated inputs: loss, stats and (if `need_grad`) the keep-masked,
-/// unnormalized gradient plus the normalization the backward applies. Phase A/C run in the
-/// fused kernel when one serves the call, else in the reference; phase B is shared.
+/// unnormalized gradient plus the normalization the backward applies. Phase A/C run on `path`
+/// (the host emulator's tests choose Cuda for host tensors); phase B is shared.
 inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const at::Tensor& targets,
                                                const at::Tensor& reference_entropy,
                                                const EntropyMaskedCrossEntropyOptions& opt,
-                                               bool need_grad) {
+                                               bool need_grad, RowPath path) {
   FlatInputs in = flatten_inputs(logits, targets, reference_entropy, opt);
   const auto cdt = compute_dtype(logits.scalar_type());
-  const bool fused_cpu = use_fused_cpu(logits, opt);
-  const bool fused_cuda = use_fused_cuda(logits, opt.use_reference());
+  const bool fused_cpu = path == RowPath::Cpu;
+  const bool fused_cuda = path == RowPath::Cuda;
   ForwardResult r;
   // The kernels address the gradient as row-major [N, V]: a fresh buffer is allocated
   // contiguous whatever the logits' strides; in place requires contiguous logits (checked).
@@ -320,29 +331,27 @@ inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const a
       reference_row_grad(in.logits, in.safe_targets, terms.lse, d.keep.to(cdt), opt, r.grad);
     }
   }
-  at::Tensor valid_f = in.valid.to(at::kFloat);
-  r.stats.num_valid = n_valid;
-  r.stats.num_kept = n_kept;
-  r.stats.kept_fraction = n_kept.to(at::kFloat) / n_valid.clamp_min(1).to(at::kFloat);
-  r.stats.mean_entropy =
-      (at::where(in.valid, terms.entropy.to(at::kFloat), at::zeros({}, valid_f.options())))
-          .sum() /
-      n_valid.clamp_min(1).to(at::kFloat);
-  r.stats.threshold = d.threshold;
+  r.stats = mask_stats(in.valid, terms.entropy, n_valid, n_kept, d.threshold);
   // Last, after every write of the gradient (some bump the version counter).
   if (need_grad && opt.inplace_backward()) OverwrittenLogits::instance().record(logits);
   return r;
 }
 
+inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const at::Tensor& targets,
+                                               const at::Tensor& reference_entropy,
+                                               const EntropyMaskedCrossEntropyOptions& opt,
+                                               bool need_grad) {
+  return entropy_masked_ce_forward(logits, targets, reference_entropy, opt, need_grad,
+                                   forward_row_path(logits, opt));
+}
+
 /// Backward: grad * factor (0-dim, or [N] per row), rounded once to the gradient's dtype, into
-/// `out` (which may alias `grad`).
+/// `out` (which may alias `grad`), on `path`.
 inline void scale_gradient(const at::Tensor& grad, const at::Tensor& factor, at::Tensor& out,
-                           bool use_reference) {
+                           RowPath path) {
   const auto t = grad.scalar_type();
-  if (use_fused_cuda(grad, use_reference)) return cuda::emce_scale_rows(grad, factor, out);
-  const bool fused = !use_reference && grad.is_cpu() &&
-                     (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf);
-  if (!fused) return reference_scale_rows(grad, factor, out);
+  if (path == RowPath::Cuda) return cuda::emce_scale_rows(grad, factor, out);
+  if (path == RowPath::Reference) return reference_scale_rows(grad, factor, out);
   const int64_t n = grad.size(0), vocab = grad.size(1);
   at::Tensor f = factor.to(at::kFloat).contiguous();
   const float* rows = f.dim() == 0 ? nullptr : f.data_ptr<float>();
@@ -359,6 +368,19 @@ inline void scale_gradient(const at::Tensor& grad, const at::Tensor& factor, at:
       cpu::scale_rows<c10::Half>(grad.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), n, vocab,
                                  rows, scalar);
   }
+}
+
+inline void scale_gradient(const at::Tensor& grad, const at::Tensor& factor, at::Tensor& out,
+                           bool use_reference) {
+  const auto t = grad.scalar_type();
+  RowPath path = RowPath::Reference;
+  if (use_fused_cuda(grad, use_reference)) {
+    path = RowPath::Cuda;
+  } else if (!use_reference && grad.is_cpu() &&
+             (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf)) {
+    path = RowPath::Cpu;
+  }
+  scale_gradient(grad, factor, out, path);
 }
 
 /// Custom autograd function: forward computes loss and gradient together, backward scales.

@@ -42,8 +42,8 @@ inline at::Tensor capped_rows(const at::Tensor& rows, double softcap) {
 
 /// Per-row terms of the loss, all [N] in the compute dtype.
 struct RowTerms {
-  at::Tensor lse;      ///< log-sum-exp of the (capped) logits
-  at::Tensor entropy;  ///< -sum p log p, clamped at 0
+  at::Tensor lse;      ///< log-sum-exp of the (capped) logits; NaN when not finite
+  at::Tensor entropy;  ///< -sum p log p, clamped at 0; NaN where lse is NaN
   at::Tensor loss;     ///< unweighted per-token loss (label smoothing and z-loss included)
 };
 
@@ -60,6 +60,10 @@ inline RowTerms reference_row_terms(const at::Tensor& z2d, const at::Tensor& saf
     const int64_t len = std::min(step, n - r0);
     at::Tensor z = capped_rows(z2d.narrow(0, r0, len), opt.softcap());  // [len, V]
     at::Tensor lse = at::logsumexp(z, {1});                              // [len]
+    // Not finite (a NaN or +Inf logit, every logit -Inf): NaN, as the fused kernels report it;
+    // the entropy and the loss follow as NaN.
+    lse = at::where(at::isfinite(lse), lse, at::full({}, std::numeric_limits<double>::quiet_NaN(),
+                                                     lse.options()));
     at::Tensor p = at::exp(z - lse.unsqueeze(1));                        // [len, V]
     // p * z is 0 where p underflows to 0 (z may be -inf there: 0 * -inf would be NaN).
     at::Tensor pz = at::where(p > 0, p * z, at::zeros({}, p.options())).sum({1});
@@ -163,6 +167,24 @@ inline at::Tensor normalization(const at::Tensor& n_valid, const at::Tensor& n_k
       break;
   }
   return at::ones({}, n_valid.options().dtype(cdt));
+}
+
+/// Phase B's statistics from the per-row vectors (all [N]): counts, kept fraction, mean current
+/// entropy of the valid tokens, and the threshold of the decision.
+inline EntropyMaskStats mask_stats(const at::Tensor& valid, const at::Tensor& entropy,
+                                   const at::Tensor& n_valid, const at::Tensor& n_kept,
+                                   const at::Tensor& threshold) {
+  EntropyMaskStats s;
+  const at::Tensor denominator = n_valid.clamp_min(1).to(at::kFloat);
+  s.num_valid = n_valid;
+  s.num_kept = n_kept;
+  s.kept_fraction = n_kept.to(at::kFloat) / denominator;
+  s.mean_entropy =
+      at::where(valid, entropy.to(at::kFloat), at::zeros({}, entropy.options().dtype(at::kFloat)))
+          .sum() /
+      denominator;
+  s.threshold = threshold;
+  return s;
 }
 
 /// Backward on the reference path: out = grad * factor in the compute dtype, rounded once to

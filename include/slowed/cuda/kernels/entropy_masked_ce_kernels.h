@@ -36,6 +36,7 @@ inline constexpr const char* kEntropyMaskedCeSource = R"SLOWED_CUDA(
 #define SLOWED_LOG2E 1.4426950408889634f
 #define SLOWED_LN2 0.6931471805599453f
 #define SLOWED_NEG_INF (-__int_as_float(0x7f800000))
+#define SLOWED_FLT_MAX 3.402823466e38f
 
 // Elements per 16-byte vector access.
 #define SLOWED_VEC (16 / (int)sizeof(storage_t))
@@ -108,8 +109,9 @@ __device__ __forceinline__ RowStats block_merge(RowStats v, RowStats* smem) {
   return r;
 }
 
-// Pass 1 (+ pass 2 for kept rows when grad != 0). Outputs per row: lse (NaN when the row holds
-// a NaN or +Inf logit), entropy, unweighted loss (0 for ignored rows), kept (0/1).
+// Pass 1 (+ pass 2 for kept rows when grad != 0). Outputs per row: lse and entropy (both NaN
+// when the row holds a NaN or its log-sum-exp is not finite), unweighted loss (0 for ignored
+// rows), kept (0/1).
 // absolute != 0: keep = valid && !(h < threshold) && !isnan(h), h = reference ? reference[i] :
 // entropy; otherwise every valid row is kept (ratio mode decides afterwards).
 extern "C" __global__ void slowed_emce_rows(
@@ -141,9 +143,11 @@ extern "C" __global__ void slowed_emce_rows(
     });
     const RowStats r = block_merge(acc, smem);
     if (threadIdx.x == 0) {
+      // A row holding a NaN, or whose log-sum-exp is not finite (a +Inf logit, every logit
+      // -Inf), reports NaN lse and entropy, as the CPU kernel and the reference do.
       float lse = r.m + logf(r.s);
-      if (r.sum_z != r.sum_z || r.sum_z == -SLOWED_NEG_INF) lse = __int_as_float(0x7fc00000);
-      const float h = fmaxf(lse - r.t / r.s, 0.f);
+      if (r.sum_z != r.sum_z || !(fabsf(lse) <= SLOWED_FLT_MAX)) lse = __int_as_float(0x7fc00000);
+      const float h = lse != lse ? lse : fmaxf(lse - r.t / r.s, 0.f);
       const long long tgt = targets[i];
       const bool valid = tgt != ignore_index;
       const long long safe_t = (valid && tgt >= 0 && tgt < V) ? tgt : 0;

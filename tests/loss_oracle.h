@@ -1,0 +1,418 @@
+#pragma once
+
+// The double-precision Eigen oracle of entropy-masked cross-entropy, the tolerance table and the
+// comparison helpers, shared by the loss tests (test_loss.cpp) and the fused linear loss tests
+// (test_linear_loss.cpp). Formulas and tolerances: docs/numerics.md, "Loss". Test-only header:
+// everything has internal linkage.
+
+#include <catch2/catch.hpp>
+#include <slowed/slowed.h>
+#include <torch/torch.h>
+#include <Eigen/Dense>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <iostream>
+#include <limits>
+#include <map>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using slowed::EntropyMaskStats;
+using slowed::Reduction;
+using slowed::ThresholdMode;
+using Opts = slowed::EntropyMaskedCrossEntropyOptions;
+using Mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using Vec = Eigen::VectorXd;
+using Shape = std::vector<int64_t>;
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// Keep-decision safety margin: no decision entropy lies within kMinGap / 2 of the threshold, so
+// fp32 (library) and fp64 (oracle) entropies, which differ by ~1e-6, decide alike.
+constexpr double kMinGap = 2e-3;
+
+// ------------------------------------------------------------------------------------------------
+// Small helpers
+// ------------------------------------------------------------------------------------------------
+
+int64_t numel_of(const Shape& s) {
+  return std::accumulate(s.begin(), s.end(), int64_t(1), std::multiplies<int64_t>());
+}
+
+Shape with_vocab(Shape lead, int64_t vocab) {
+  lead.push_back(vocab);
+  return lead;
+}
+
+const char* reduction_name(Reduction r) {
+  switch (r) {
+    case Reduction::MeanKept: return "MeanKept";
+    case Reduction::MeanValid: return "MeanValid";
+    case Reduction::Sum: return "Sum";
+    case Reduction::None: return "None";
+  }
+  return "?";
+}
+
+std::string shape_name(const Shape& s) {
+  std::ostringstream os;
+  os << '[';
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? "," : "") << s[i];
+  os << ']';
+  return os.str();
+}
+
+std::string dtype_name(torch::Dtype d) {
+  std::ostringstream os;
+  os << d;
+  return os.str();
+}
+
+torch::Dtype loss_dtype_for(torch::Dtype logits_dtype) {
+  return logits_dtype == torch::kDouble ? torch::kDouble : torch::kFloat;
+}
+
+/// A tensor of `shape` holding `data` (row-major), converted to `dtype` on `device`.
+torch::Tensor tensor_from(const std::vector<double>& data, const Shape& shape, torch::Dtype dtype,
+                          torch::Device device) {
+  torch::Tensor t = torch::empty(shape, torch::kDouble);
+  REQUIRE(t.numel() == static_cast<int64_t>(data.size()));
+  if (!data.empty()) std::copy(data.begin(), data.end(), t.data_ptr<double>());
+  return t.to(device, dtype);
+}
+
+torch::Tensor targets_from(const std::vector<int64_t>& t, const Shape& lead, torch::Dtype dtype,
+                           torch::Device device) {
+  torch::Tensor out = torch::empty(lead, torch::kLong);
+  if (!t.empty()) std::copy(t.begin(), t.end(), out.data_ptr<int64_t>());
+  return out.to(device, dtype);
+}
+
+/// The values of any tensor, as doubles in row-major order (data movement only, no arithmetic).
+std::vector<double> values_of(const torch::Tensor& t) {
+  torch::Tensor c = t.detach().to(torch::kCPU, torch::kDouble).contiguous();
+  const double* p = c.data_ptr<double>();
+  return std::vector<double>(p, p + c.numel());
+}
+
+Mat as_matrix(const torch::Tensor& t, int64_t rows, int64_t cols) {
+  std::vector<double> v = values_of(t);
+  REQUIRE(static_cast<int64_t>(v.size()) == rows * cols);
+  Mat m(rows, cols);
+  if (!v.empty()) m = Eigen::Map<Mat>(v.data(), rows, cols);
+  return m;
+}
+
+Vec as_vector(const torch::Tensor& t) {
+  std::vector<double> v = values_of(t);
+  Vec out(static_cast<Eigen::Index>(v.size()));
+  for (size_t i = 0; i < v.size(); ++i) out(static_cast<Eigen::Index>(i)) = v[i];
+  return out;
+}
+
+double scalar_of(const torch::Tensor& t) { return t.detach().to(torch::kCPU, torch::kDouble).item<double>(); }
+
+/// Random logits [n, v], row-major. Each row has its own spread (log-uniform in [0.05, 6]) and
+/// offset (uniform in [-3, 3]), so entropies cover (0, log V] and log-sum-exp is not ~0.
+std::vector<double> random_logits(std::mt19937_64& rng, int64_t n, int64_t v) {
+  std::uniform_real_distribution<double> log_spread(std::log(0.05), std::log(6.0));
+  std::uniform_real_distribution<double> offset(-3.0, 3.0);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<double> out(static_cast<size_t>(n * v));
+  for (int64_t i = 0; i < n; ++i) {
+    const double s = std::exp(log_spread(rng)), o = offset(rng);
+    for (int64_t j = 0; j < v; ++j) out[static_cast<size_t>(i * v + j)] = o + s * normal(rng);
+  }
+  return out;
+}
+
+/// Random targets in [0, v); a fraction `ignored` of them (at random) is `ignore_index`.
+std::vector<int64_t> random_targets(std::mt19937_64& rng, int64_t n, int64_t v,
+                                    int64_t ignore_index, double ignored) {
+  std::uniform_int_distribution<int64_t> cls(0, v - 1);
+  std::bernoulli_distribution skip(ignored);
+  std::vector<int64_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = skip(rng) ? ignore_index : cls(rng);
+  return t;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The oracle: double precision, Eigen only, straight from the formulas in docs/numerics.md.
+// ------------------------------------------------------------------------------------------------
+
+/// Per-row quantities, independent of the keep decision.
+struct OracleRows {
+  Vec lse;      ///< [N] log-sum-exp of the capped logits
+  Vec entropy;  ///< [N] H = lse - sum p z, clamped at 0
+  Vec loss;     ///< [N] unweighted token loss (0 where ignored)
+  Vec scale;    ///< [N] 1 + |lse| + max|z| + zs lse^2: size of the terms that round in the loss
+  Mat dloss;    ///< [N, V] d loss_i / d x_i (unweighted; 0 where ignored)
+  std::vector<bool> valid;
+};
+
+OracleRows oracle_rows(const Mat& x, const std::vector<int64_t>& t, const Opts& o) {
+  const Eigen::Index n = x.rows(), v = x.cols();
+  const double eps = o.label_smoothing(), zs = o.lse_square_scale(), cap = o.softcap();
+  OracleRows r;
+  r.lse = Vec::Zero(n);
+  r.entropy = Vec::Zero(n);
+  r.loss = Vec::Zero(n);
+  r.scale = Vec::Zero(n);
+  r.dloss = Mat::Zero(n, v);
+  r.valid.assign(static_cast<size_t>(n), false);
+  for (Eigen::Index i = 0; i < n; ++i) {
+    const Eigen::ArrayXd xi = x.row(i).transpose().array();
+    Eigen::ArrayXd z = xi, dcap = Eigen::ArrayXd::Ones(v);
+    if (cap > 0.0) {  // z = c tanh(x / c), dz/dx = 1 - tanh^2(x / c)
+      const Eigen::ArrayXd th = (xi / cap).tanh();
+      z = cap * th;
+      dcap = 1.0 - th.square();
+    }
+    const double m = z.maxCoeff();
+    const double lse = m + std::log((z - m).exp().sum());
+    const Eigen::ArrayXd p = (z - lse).exp();
+    r.lse(i) = lse;
+    r.entropy(i) = std::max(0.0, lse - (p * z).sum());
+    r.scale(i) = 1.0 + std::abs(lse) + z.abs().maxCoeff() + zs * lse * lse;
+    const int64_t ti = t[static_cast<size_t>(i)];
+    r.valid[static_cast<size_t>(i)] = ti != o.ignore_index();
+    if (!r.valid[static_cast<size_t>(i)]) continue;
+    r.loss(i) = (1.0 - eps) * (lse - z(ti)) + eps * (lse - z.mean()) + zs * lse * lse;
+    // d/dz: p (1 + 2 zs lse) - (1 - eps) 1[j = t] - eps / V; then the chain rule through the cap.
+    Eigen::ArrayXd g = p * (1.0 + 2.0 * zs * lse) - eps / static_cast<double>(v);
+    g(ti) -= 1.0 - eps;
+    r.dloss.row(i) = (g * dcap).matrix().transpose();
+  }
+  return r;
+}
+
+struct OracleResult {
+  OracleRows rows;
+  std::vector<bool> keep;
+  Vec weight;             ///< [N] keep / n_kept, keep / n_valid or keep
+  Vec loss_none;          ///< [N] keep ? loss : 0
+  double loss = 0.0;      ///< sum_i weight_i loss_i
+  double loss_scale = 0;  ///< sum_i |weight_i| scale_i
+  Mat grad;               ///< [N, V] upstream_i weight_i d loss_i / d x_i
+  Vec grad_scale;         ///< [N] |upstream_i weight_i| (1 + 2 zs |lse_i|)
+  int64_t num_valid = 0, num_kept = 0;
+  double kept_fraction = 0.0, mean_entropy = 0.0, mean_entropy_scale = 0.0;
+  double threshold = 0.0;
+  Eigen::Index threshold_row = -1;  ///< Ratio mode: the row whose entropy is the threshold
+};
+
+/// `reference`: decision entropies replacing the current ones (nullptr: current). `upstream`:
+/// per-token upstream gradient (Reduction::None), else `scalar_upstream` multiplies everything.
+OracleResult oracle(const Mat& x, const std::vector<int64_t>& t, const Opts& o,
+                    const Vec* reference, const Vec* upstream, double scalar_upstream = 1.0) {
+  OracleResult r;
+  r.rows = oracle_rows(x, t, o);
+  const Eigen::Index n = x.rows();
+  // The decision is made in fp32 (documented): round the decision values and the threshold.
+  Vec h(n);
+  for (Eigen::Index i = 0; i < n; ++i)
+    h(i) = reference ? static_cast<double>(static_cast<float>((*reference)(i))) : r.rows.entropy(i);
+  std::vector<std::pair<double, Eigen::Index>> hv;
+  for (Eigen::Index i = 0; i < n; ++i)
+    if (r.rows.valid[static_cast<size_t>(i)]) hv.emplace_back(h(i), i);
+  r.num_valid = static_cast<int64_t>(hv.size());
+  if (o.threshold_mode() == ThresholdMode::Absolute) {
+    r.threshold = static_cast<double>(static_cast<float>(o.entropy_threshold()));
+  } else {
+    std::sort(hv.begin(), hv.end());
+    const auto k = static_cast<int64_t>(std::floor(static_cast<double>(r.num_valid) * o.mask_ratio()));
+    if (k >= r.num_valid) {
+      r.threshold = kInf;
+    } else {
+      r.threshold = hv[static_cast<size_t>(k)].first;
+      r.threshold_row = hv[static_cast<size_t>(k)].second;
+    }
+  }
+  r.keep.assign(static_cast<size_t>(n), false);
+  for (Eigen::Index i = 0; i < n; ++i) {
+    const bool keep = r.rows.valid[static_cast<size_t>(i)] && !std::isnan(h(i)) && h(i) >= r.threshold;
+    r.keep[static_cast<size_t>(i)] = keep;
+    r.num_kept += keep ? 1 : 0;
+  }
+  r.weight = Vec::Zero(n);
+  for (Eigen::Index i = 0; i < n; ++i) {
+    if (!r.keep[static_cast<size_t>(i)]) continue;
+    switch (o.reduction()) {
+      case Reduction::MeanKept: r.weight(i) = 1.0 / static_cast<double>(std::max<int64_t>(r.num_kept, 1)); break;
+      case Reduction::MeanValid: r.weight(i) = 1.0 / static_cast<double>(std::max<int64_t>(r.num_valid, 1)); break;
+      case Reduction::Sum:
+      case Reduction::None: r.weight(i) = 1.0; break;
+    }
+  }
+  const double zs = o.lse_square_scale();
+  r.loss_none = Vec::Zero(n);
+  r.grad = Mat::Zero(n, x.cols());
+  r.grad_scale = Vec::Zero(n);
+  for (Eigen::Index i = 0; i < n; ++i) {
+    if (!r.keep[static_cast<size_t>(i)]) continue;
+    r.loss_none(i) = r.rows.loss(i);
+    r.loss += r.weight(i) * r.rows.loss(i);
+    r.loss_scale += r.weight(i) * r.rows.scale(i);
+    const double up = upstream ? (*upstream)(i) : scalar_upstream;
+    r.grad.row(i) = r.rows.dloss.row(i) * (r.weight(i) * up);
+    r.grad_scale(i) = std::abs(r.weight(i) * up) * (1.0 + 2.0 * zs * std::abs(r.rows.lse(i)));
+  }
+  const double nv = static_cast<double>(std::max<int64_t>(r.num_valid, 1));
+  r.kept_fraction = static_cast<double>(r.num_kept) / nv;
+  for (Eigen::Index i = 0; i < n; ++i) {
+    if (!r.rows.valid[static_cast<size_t>(i)]) continue;
+    r.mean_entropy += r.rows.entropy(i) / nv;
+    r.mean_entropy_scale += r.rows.scale(i) / nv;
+  }
+  return r;
+}
+
+/// An Absolute threshold that masks about `want` of the decision values `h` and lies in the
+/// middle of a gap of at least kMinGap between them (or 0.5 outside their range).
+double robust_absolute_threshold(std::vector<double> h, int64_t want) {
+  std::sort(h.begin(), h.end());
+  const auto n = static_cast<int64_t>(h.size());
+  if (n == 0) return 0.3;
+  int64_t best = -1;
+  for (int64_t k = 0; k <= n; ++k) {
+    const bool ok = k == 0 || k == n || h[size_t(k)] - h[size_t(k - 1)] >= kMinGap;
+    if (ok && (best < 0 || std::llabs(k - want) < std::llabs(best - want))) best = k;
+  }
+  if (best == 0) return h.front() - 0.5;
+  if (best == n) return h.back() + 0.5;
+  return 0.5 * (h[size_t(best - 1)] + h[size_t(best)]);
+}
+
+/// Ratio mode decides alike in fp32 and fp64 when the k-th and (k+1)-th smallest decision values
+/// are kMinGap / 2 apart, or exactly equal in both precisions (`exact_ties`, e.g. V = 1).
+bool ratio_is_robust(std::vector<double> h, double q, bool exact_ties) {
+  std::sort(h.begin(), h.end());
+  const auto n = static_cast<int64_t>(h.size());
+  const auto k = static_cast<int64_t>(std::floor(static_cast<double>(n) * q));
+  if (k == 0 || k >= n) return true;
+  const double gap = h[size_t(k)] - h[size_t(k - 1)];
+  return gap >= kMinGap / 2 || (exact_ties && gap == 0.0);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tolerances (docs/numerics.md, "Loss: tolerances")
+// ------------------------------------------------------------------------------------------------
+
+struct Tolerance {
+  double compute;   ///< relative to the size of the rounded terms (fp32 or fp64 arithmetic)
+  double out_rtol;  ///< relative, for rounding the gradient (and the upstream) to the logits' dtype
+  double out_atol;  ///< absolute floor (fp16 subnormals)
+};
+
+Tolerance tolerance_for(torch::Dtype d) {
+  const double u16 = std::ldexp(1.0, -11), ubf = std::ldexp(1.0, -8);
+  const double u32 = std::ldexp(1.0, -24), u64 = std::ldexp(1.0, -53);
+  if (d == torch::kDouble) return {1e-12, 4 * u64, 0.0};
+  if (d == torch::kFloat) return {1e-5, 4 * u32, 0.0};
+  if (d == torch::kBFloat16) return {1e-5, 4 * ubf, 0.0};
+  return {1e-5, 4 * u16, std::ldexp(1.0, -23)};  // float16
+}
+
+/// Worst observed |error| / tolerance per quantity and dtype (printed with SLOWED_TEST_REPORT=1).
+std::map<std::string, double>& worst_ratio() {
+  static std::map<std::string, double> m;
+  return m;
+}
+
+void print_worst_ratios() {
+  if (!std::getenv("SLOWED_TEST_REPORT")) return;
+  for (const auto& kv : worst_ratio())
+    std::cout << "worst |error| / tolerance  " << kv.first << ": " << kv.second << "\n";
+}
+
+/// "" when |actual - expected| <= tol elementwise (NaN never passes), else the worst element.
+std::string compare(const Mat& actual, const Mat& expected, const Mat& tol, const std::string& what,
+                    const std::string& key) {
+  double worst = 0.0;
+  Eigen::Index wi = -1, wj = -1;
+  for (Eigen::Index i = 0; i < actual.rows(); ++i) {
+    for (Eigen::Index j = 0; j < actual.cols(); ++j) {
+      const double err = std::abs(actual(i, j) - expected(i, j));
+      double ratio = tol(i, j) > 0 ? err / tol(i, j) : (err == 0 ? 0.0 : kInf);
+      if (std::isnan(err)) ratio = kInf;
+      if (wi < 0 || ratio > worst) {
+        worst = ratio;
+        wi = i;
+        wj = j;
+      }
+    }
+  }
+  if (wi < 0) return "";
+  double& w = worst_ratio()[key];
+  w = std::max(w, worst);
+  if (worst <= 1.0) return "";
+  std::ostringstream os;
+  os.precision(10);
+  os << what << " mismatch at (" << wi << ", " << wj << "): library " << actual(wi, wj)
+     << ", oracle " << expected(wi, wj) << ", |error| " << std::abs(actual(wi, wj) - expected(wi, wj))
+     << " > tolerance " << tol(wi, wj);
+  return os.str();
+}
+
+std::string compare_scalar(double actual, double expected, double tol, const std::string& what,
+                           const std::string& key) {
+  Mat a(1, 1), e(1, 1), t(1, 1);
+  a(0, 0) = actual;
+  e(0, 0) = expected;
+  t(0, 0) = tol;
+  return compare(a, e, t, what, key);
+}
+
+/// Stats: 0-dim, documented dtypes, on `device`, equal to the oracle's.
+void check_stats(const EntropyMaskStats& s, const OracleResult& o, const Tolerance& tol,
+                 torch::Device device, bool exact_threshold, const std::string& key) {
+  for (const torch::Tensor* t :
+       {&s.num_valid, &s.num_kept, &s.kept_fraction, &s.mean_entropy, &s.threshold}) {
+    REQUIRE(t->defined());
+    CHECK(t->dim() == 0);
+    CHECK(t->device() == device);
+  }
+  CHECK(s.num_valid.scalar_type() == torch::kLong);
+  CHECK(s.num_kept.scalar_type() == torch::kLong);
+  CHECK(s.kept_fraction.scalar_type() == torch::kFloat);
+  CHECK(s.mean_entropy.scalar_type() == torch::kFloat);
+  CHECK(s.threshold.scalar_type() == torch::kFloat);
+  CHECK(s.num_valid.item<int64_t>() == o.num_valid);
+  CHECK(s.num_kept.item<int64_t>() == o.num_kept);
+  const double f32 = std::ldexp(1.0, -23);  // the stats are fp32 whatever the logits' dtype
+  std::string msg = compare_scalar(scalar_of(s.kept_fraction), o.kept_fraction, f32, "kept_fraction",
+                                   key + " kept_fraction");
+  INFO(msg);
+  CHECK(msg.empty());
+  // mean_entropy is an fp32 sum of num_valid fp32 entropies: (num_valid + 1) roundings.
+  msg = compare_scalar(scalar_of(s.mean_entropy), o.mean_entropy,
+                       tol.compute * o.mean_entropy_scale +
+                           f32 * static_cast<double>(o.num_valid + 1) * std::abs(o.mean_entropy),
+                       "mean_entropy", key + " mean_entropy");
+  INFO(msg);
+  CHECK(msg.empty());
+  const double thr = scalar_of(s.threshold);
+  if (std::isinf(o.threshold)) {
+    CHECK((std::isinf(thr) && thr > 0));
+  } else if (exact_threshold || o.threshold_row < 0) {
+    CHECK(thr == o.threshold);
+  } else {
+    msg = compare_scalar(thr, o.threshold,
+                         tol.compute * o.rows.scale(o.threshold_row) + f32 * std::abs(o.threshold),
+                         "threshold", key + " threshold");
+    INFO(msg);
+    CHECK(msg.empty());
+  }
+}
+
+}  // namespace

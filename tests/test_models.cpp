@@ -469,6 +469,7 @@ TEST_CASE("gguf forged counts and dims are refused before anything is allocated 
   }
   {  // An array whose count is below the file size but whose elements (8 bytes each) are not.
     GgufBuilder b;
+    b.str("general.name", std::string(96, 'n'));  // pads the file past the forged count
     b.key("test.arr", 9);
     GgufBuilder::put<uint32_t>(b.kv, 11);
     GgufBuilder::put<uint64_t>(b.kv, 100);

@@ -9,9 +9,11 @@
 #include <dirent.h>
 #include <ftw.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -429,6 +431,67 @@ TEST_CASE("threads compiling the same kernel at once agree and leave one valid c
   const auto from_disk = slowed::cuda::compile_kernel(smoke(), 8, 6, true);
   CHECK(from_disk.record.origin == CompileOrigin::DiskCache);
   CHECK(*from_disk.binary == binaries[0]);
+}
+
+// The child side of the next test: compiles the smoke kernels into $SLOWED_CACHE_DIR once
+// $SLOWED_TEST_GO exists, and writes the binary to $SLOWED_TEST_OUT. Hidden ("[.]"): only the
+// parent runs it.
+TEST_CASE("child process: compile the smoke kernels into a shared cache", "[.cache_child]") {
+  const char* go = std::getenv("SLOWED_TEST_GO");
+  const char* out = std::getenv("SLOWED_TEST_OUT");
+  REQUIRE(go != nullptr);
+  REQUIRE(out != nullptr);
+  while (!exists(go)) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  write_file(out, slowed::cuda::compile_to_binary(smoke(), 8, 6, true));
+}
+
+TEST_CASE("processes compiling the same kernel at once all succeed and leave one valid file",
+          "[cpu]") {
+  // Threads of one process share the in-memory cache; separate processes meet only in the
+  // folder. Four copies of this program start together (a go file) on one empty cache folder.
+  ScopedKernelCache cache;
+  const std::string go = cache.dir.path() + "/go";
+  char exe[4096] = {0};
+  REQUIRE(::readlink("/proc/self/exe", exe, sizeof(exe) - 1) > 0);
+  std::vector<pid_t> children;
+  std::vector<std::string> outs;
+  for (int i = 0; i < 4; ++i) {
+    outs.push_back(cache.dir.path() + "/out" + std::to_string(i));
+    // The child's environment is built before fork: only exec runs in the child.
+    std::vector<std::string> env;
+    for (char** e = environ; *e != nullptr; ++e) env.emplace_back(*e);
+    env.push_back("SLOWED_TEST_GO=" + go);
+    env.push_back("SLOWED_TEST_OUT=" + outs.back());
+    std::vector<char*> envp;
+    for (auto& e : env) envp.push_back(&e[0]);
+    envp.push_back(nullptr);
+    char tag[] = "[.cache_child]";
+    char* argv[] = {exe, tag, nullptr};
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::execve(exe, argv, envp.data());
+      ::_exit(127);
+    }
+    children.push_back(pid);
+  }
+  write_file(go, "");
+  for (size_t i = 0; i < children.size(); ++i) {
+    int status = 0;
+    REQUIRE(::waitpid(children[i], &status, 0) == children[i]);
+    INFO("child " << i);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+  }
+  const std::string first = read_file(outs[0]);
+  CHECK(is_elf(first));
+  for (const auto& out : outs) CHECK(read_file(out) == first);
+  std::vector<std::string> names;
+  for (const auto& name : list_dir(cache.dir.path() + "/kernels")) names.push_back(name);
+  REQUIRE(names.size() == 1);  // one cache file, no temporary files left
+  const auto from_disk = slowed::cuda::compile_kernel(smoke(), 8, 6, true);
+  CHECK(from_disk.record.origin == CompileOrigin::DiskCache);
+  CHECK(*from_disk.binary == first);
 }
 
 TEST_CASE("an unwritable cache folder warns once and compiles without a disk cache", "[cpu]") {

@@ -286,6 +286,299 @@ TEST_CASE("gguf bad input gives errors naming the file", "[cpu]") {
   CHECK_THROWS_WITH(GgufFile::open(tmp.file("empty.gguf")), Catch::Contains("bad magic"));
 }
 
+namespace {
+
+/// Writes GGUF v3 files byte by byte, to forge what a real writer never produces. Tensors are
+/// F32 (type 0) unless changed; offsets follow gguf-py's layout unless set by hand.
+struct GgufBuilder {
+  struct Tensor {
+    std::string name;
+    std::vector<uint64_t> dims;  // ggml order, innermost first
+    uint32_t type = 0;
+    std::string data;
+    int64_t offset = -1;  // -1: the writer's own
+  };
+  std::string kv;
+  uint64_t n_kv = 0;
+  std::vector<Tensor> tensors;
+  uint64_t alignment = 32;
+  std::string trailing;
+
+  template <class T>
+  static void put(std::string& out, T v) {
+    out.append(reinterpret_cast<const char*>(&v), sizeof v);
+  }
+  static void put_string(std::string& out, const std::string& s) {
+    put<uint64_t>(out, s.size());
+    out += s;
+  }
+  GgufBuilder& key(const std::string& k, uint32_t type) {
+    put_string(kv, k);
+    put<uint32_t>(kv, type);
+    ++n_kv;
+    return *this;
+  }
+  GgufBuilder& str(const std::string& k, const std::string& v) {
+    key(k, 8);
+    put_string(kv, v);
+    return *this;
+  }
+  GgufBuilder& u32(const std::string& k, uint32_t v) {
+    key(k, 4);
+    put<uint32_t>(kv, v);
+    return *this;
+  }
+  GgufBuilder& f32(const std::string& k, float v) {
+    key(k, 6);
+    put<float>(kv, v);
+    return *this;
+  }
+  /// An F32 tensor of `dims` (ggml order) holding 0, 1, 2, ...
+  GgufBuilder& tensor(const std::string& name, std::vector<uint64_t> dims) {
+    Tensor t{name, dims, 0, "", -1};
+    uint64_t n = 1;
+    for (uint64_t d : dims) n *= d;
+    for (uint64_t i = 0; i < n; ++i) put<float>(t.data, static_cast<float>(i));
+    tensors.push_back(std::move(t));
+    return *this;
+  }
+  std::string bytes() const {
+    auto pad = [&](std::string& s, uint64_t base) {
+      while ((s.size() - base) % alignment) s.push_back('\0');
+    };
+    std::string out = "GGUF";
+    put<uint32_t>(out, 3);
+    put<uint64_t>(out, tensors.size());
+    put<uint64_t>(out, n_kv);
+    out += kv;
+    uint64_t at = 0;
+    for (const auto& t : tensors) {
+      put_string(out, t.name);
+      put<uint32_t>(out, static_cast<uint32_t>(t.dims.size()));
+      for (uint64_t d : t.dims) put<uint64_t>(out, d);
+      put<uint32_t>(out, t.type);
+      put<uint64_t>(out, t.offset >= 0 ? static_cast<uint64_t>(t.offset) : at);
+      at = (at + t.data.size() + alignment - 1) / alignment * alignment;
+    }
+    pad(out, 0);
+    const size_t data_start = out.size();
+    for (const auto& t : tensors) {
+      out += t.data;
+      pad(out, data_start);
+    }
+    return out + trailing;
+  }
+};
+
+/// A tiny llama GGUF (hidden 8, 2 heads of 4, 1 layer, FFN 16, vocab 16) whose metadata and
+/// tensor shapes agree.
+GgufBuilder tiny_llama_gguf() {
+  GgufBuilder b;
+  b.str("general.architecture", "llama")
+      .u32("llama.embedding_length", 8)
+      .u32("llama.block_count", 1)
+      .u32("llama.attention.head_count", 2)
+      .u32("llama.feed_forward_length", 16)
+      .u32("llama.vocab_size", 16)
+      .f32("llama.rope.freq_base", 10000.f);
+  b.tensor("token_embd.weight", {8, 16})
+      .tensor("blk.0.attn_norm.weight", {8})
+      .tensor("blk.0.attn_q.weight", {8, 8})
+      .tensor("blk.0.attn_k.weight", {8, 8})
+      .tensor("blk.0.ffn_down.weight", {16, 8});
+  return b;
+}
+
+}  // namespace
+
+TEST_CASE("gguf tensor data must tile the data section in order, as llama.cpp requires", "[cpu]") {
+  TempDir tmp;
+  auto open = [&](const GgufBuilder& b, const std::string& name) {
+    write_bytes(tmp.file(name), b.bytes());
+    return GgufFile::open(tmp.file(name));
+  };
+  GgufBuilder good;
+  good.str("general.architecture", "llama").tensor("a", {40}).tensor("b", {7}).tensor("c", {3, 2});
+  const GgufFile f = open(good, "good.gguf");
+  CHECK(torch::equal(f.tensor("b"), torch::arange(7, torch::kFloat32)));
+  CHECK(torch::equal(f.tensor("c"), torch::arange(6, torch::kFloat32).reshape({2, 3})));
+  CHECK(f.tensor_info("b").offset == 160);
+  CHECK(f.tensor_info("c").offset == 192);
+  struct Forged {
+    const char* what;
+    std::function<void(GgufBuilder&)> edit;
+    std::string needle;
+  };
+  const std::vector<Forged> cases = {
+      {"overlapping", [](GgufBuilder& b) { b.tensors[1].offset = 128; },
+       "tensor 'b': data offset 128, expected 160"},
+      {"unaligned", [](GgufBuilder& b) { b.tensors[2].offset = 200; },
+       "tensor 'c': data offset 200, expected 192"},
+      {"out of order", [](GgufBuilder& b) { b.tensors[1].offset = 192; b.tensors[2].offset = 160; },
+       "tensor 'b': data offset 192, expected 160"},
+      {"shifted", [](GgufBuilder& b) {
+         for (size_t i = 0; i < 3; ++i) b.tensors[i].offset = 32 + static_cast<int64_t>(i == 0 ? 0 : i == 1 ? 160 : 192);
+         b.trailing = std::string(32, '\0');
+       }, "tensor 'a': data offset 32, expected 0"},
+      {"type id changed (F32 -> F16)", [](GgufBuilder& b) { b.tensors[0].type = 1; },
+       "tensor 'b': data offset 160, expected 96"},
+      {"shape changed ([40] -> [48])", [](GgufBuilder& b) { b.tensors[0].dims = {48}; },
+       "tensor 'b': data offset 160, expected 192"},
+      {"last tensor grown past the end", [](GgufBuilder& b) { b.tensors[2].dims = {3, 4}; },
+       "truncated file"},
+      {"extra data after the last tensor", [](GgufBuilder& b) { b.trailing = std::string(64, 'x'); },
+       "extra data"},
+  };
+  for (const auto& c : cases) {
+    INFO(c.what);
+    GgufBuilder b = good;
+    c.edit(b);
+    write_bytes(tmp.file("forged.gguf"), b.bytes());
+    CHECK_THROWS_WITH(GgufFile::open(tmp.file("forged.gguf")),
+                      Catch::Contains("forged.gguf") && Catch::Contains(c.needle));
+  }
+}
+
+TEST_CASE("gguf forged counts and dims are refused before anything is allocated from them",
+          "[cpu]") {
+  TempDir tmp;
+  auto error_of = [&](const std::string& bytes) -> std::string {
+    write_bytes(tmp.file("forged.gguf"), bytes);
+    try {
+      GgufFile::open(tmp.file("forged.gguf"));
+    } catch (const c10::Error& e) {
+      return e.what_without_backtrace();
+    }
+    return "no error";
+  };
+  {  // An element count whose product overflows int64: 2^39 * 2^39 (each dim alone is allowed).
+    GgufBuilder b;
+    b.tensor("huge", {1, 1});
+    b.tensors[0].dims = {uint64_t(1) << 39, uint64_t(1) << 39};
+    const std::string e = error_of(b.bytes());
+    CHECK_THAT(e, Catch::Contains("forged.gguf") && Catch::Contains("tensor 'huge'") &&
+                      Catch::Contains("overflows int64"));
+  }
+  {  // An array of 2^40 / 8 UINT64 elements in a file of a few hundred bytes.
+    GgufBuilder b;
+    b.key("test.arr", 9);
+    GgufBuilder::put<uint32_t>(b.kv, 10);
+    GgufBuilder::put<uint64_t>(b.kv, uint64_t(1) << 37);
+    const std::string e = error_of(b.bytes());
+    CHECK_THAT(e, Catch::Contains("key 'test.arr'") && Catch::Contains("cannot fit"));
+  }
+  {  // An array whose count is below the file size but whose elements (8 bytes each) are not.
+    GgufBuilder b;
+    b.str("general.name", std::string(96, 'n'));  // pads the file past the forged count
+    b.key("test.arr", 9);
+    GgufBuilder::put<uint32_t>(b.kv, 11);
+    GgufBuilder::put<uint64_t>(b.kv, 100);
+    const std::string bytes = b.bytes();
+    REQUIRE(bytes.size() > 100);
+    REQUIRE(bytes.size() < 800);
+    CHECK_THAT(error_of(bytes), Catch::Contains("key 'test.arr'") && Catch::Contains("cannot fit"));
+  }
+  {  // Metadata and tensor counts of 2^60.
+    std::string bytes = GgufBuilder().bytes();
+    const uint64_t forged = uint64_t(1) << 60;
+    std::memcpy(&bytes[16], &forged, 8);
+    CHECK_THAT(error_of(bytes), Catch::Contains("forged.gguf") && Catch::Contains("cannot fit"));
+  }
+}
+
+TEST_CASE("gguf model configs: every value checked, forged sizes refused before allocating",
+          "[cpu]") {
+  TempDir tmp;
+  auto config_of = [&](const GgufBuilder& b) {
+    write_bytes(tmp.file("cfg.gguf"), b.bytes());
+    return ModelConfig::from_gguf(GgufFile::open(tmp.file("cfg.gguf")));
+  };
+  const ModelConfig c = config_of(tiny_llama_gguf());
+  CHECK(c.head_dim == 4);
+  CHECK(c.num_kv_heads == 2);
+  CHECK(c.vocab_size == 16);
+  // One metadata value replaced (a later key of the same name wins, as in the reader).
+  struct Forged {
+    std::function<void(GgufBuilder&)> edit;
+    std::string needle;
+  };
+  const std::vector<Forged> cases = {
+      {[](GgufBuilder& b) { b.u32("llama.attention.head_count", 0); }, "num_heads must be in [1, 1024], got 0"},
+      {[](GgufBuilder& b) { b.u32("llama.attention.head_count_kv", 0); }, "num_kv_heads must be in [1, 1024], got 0"},
+      {[](GgufBuilder& b) { b.u32("llama.attention.head_count", 3); }, "head_dim must be in"},
+      {[](GgufBuilder& b) { b.f32("llama.rope.freq_base", std::nanf("")); }, "rope_theta must be a finite number > 0"},
+      {[](GgufBuilder& b) { b.f32("llama.rope.freq_base", 0.f); }, "rope_theta must be a finite number > 0, got 0"},
+      {[](GgufBuilder& b) { b.f32("llama.rope.freq_base", -1.f); }, "rope_theta must be a finite number > 0, got -1"},
+      {[](GgufBuilder& b) { b.f32("llama.attention.layer_norm_rms_epsilon", 0.f); }, "norm epsilon"},
+      {[](GgufBuilder& b) { b.f32("llama.attention.layer_norm_rms_epsilon", std::nanf("")); }, "norm epsilon"},
+      {[](GgufBuilder& b) { b.u32("llama.block_count", 1000); },
+       "tensor 'blk.1.attn_norm.weight' not found, expected by llama.block_count 1000"},
+      {[](GgufBuilder& b) { b.u32("llama.block_count", 4000000); }, "num_layers must be in [1, 1024]"},
+      {[](GgufBuilder& b) { b.u32("llama.embedding_length", 512); }, "tensor 'token_embd.weight' has shape [16, 8], expected [16, 512]"},
+      {[](GgufBuilder& b) { b.u32("llama.embedding_length", 1u << 30); }, "hidden_size must be in [1, 65536]"},
+      {[](GgufBuilder& b) { b.u32("llama.vocab_size", 4000000); }, "tensor 'token_embd.weight' has shape [16, 8], expected [4000000, 8]"},
+      {[](GgufBuilder& b) { b.u32("llama.vocab_size", 4000000000u); }, "vocab_size must be in [1, 4194304]"},
+      {[](GgufBuilder& b) { b.u32("llama.feed_forward_length", 1 << 20); }, "tensor 'blk.0.ffn_down.weight' has shape [8, 16]"},
+      {[](GgufBuilder& b) { b.u32("tokenizer.ggml.eos_token_id", 16); }, "eos_token_id must be -1 (none) or in [0, 16), got 16"},
+  };
+  for (const auto& f : cases) {
+    INFO(f.needle);
+    GgufBuilder b = tiny_llama_gguf();
+    f.edit(b);
+    bool thrown = false;
+    try {
+      config_of(b);
+    } catch (const c10::Error& e) {
+      thrown = true;
+      CHECK_THAT(std::string(e.what_without_backtrace()),
+                 Catch::Contains("cfg.gguf") && Catch::Contains(f.needle));
+    }
+    CHECK(thrown);
+  }
+}
+
+TEST_CASE("HF config.json values are checked before use: zero heads, bad eps and rope theta",
+          "[cpu]") {
+  const std::string llama = R"("model_type": "llama", "vocab_size": 16, "hidden_size": 8,
+      "num_hidden_layers": 1, "intermediate_size": 16, "num_attention_heads": )";
+  auto config_of = [](const std::string& text) {
+    return ModelConfig::from_hf_json(json::parse(text, "config.json"), "config.json");
+  };
+  CHECK(config_of("{" + llama + "2}").head_dim == 4);
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"{" + llama + "0}", "num_heads must be in [1, 1024], got 0"},
+      {"{" + llama + "3}", "head_dim must be in"},  // 8 / 3 does not divide
+      {"{" + llama + "-2}", "num_heads must be in"},
+      {"{" + llama + R"(2, "num_key_value_heads": 0})", "num_kv_heads must be in"},
+      {"{" + llama + R"(2, "rms_norm_eps": 0})", "norm epsilon"},
+      {"{" + llama + R"(2, "rms_norm_eps": -1})", "norm epsilon"},
+      {"{" + llama + R"(2, "rope_theta": 0})", "rope_theta must be a finite number > 0, got 0"},
+      {"{" + llama + R"(2, "rope_theta": -1})", "rope_theta must be a finite number > 0, got -1"},
+      {"{" + llama + R"(2, "vocab_size": 1099511627776})", "vocab_size must be in"},
+      {"{" + llama + R"(2, "max_position_embeddings": 0})", "max_position_embeddings must be in"},
+      {"{" + llama + R"(2, "rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4,
+          "high_freq_factor": 4, "original_max_position_embeddings": 32}})", "must exceed low_freq_factor"},
+      {"{" + llama + R"(2, "rope_scaling": {"rope_type": "linear", "factor": 0}})", "rope_scaling.factor"},
+      {"{" + llama + R"(2, "eos_token_id": [2, 99]})", "eos_token_id must be -1 (none) or in [0, 16), got 99"},
+      {R"({"model_type": "bloom", "vocab_size": 16, "hidden_size": 8, "n_layer": 1, "n_head": 0})",
+       "num_heads must be in [1, 1024], got 0"},
+      {R"({"model_type": "bloom", "vocab_size": 16, "hidden_size": 8, "n_layer": 1, "n_head": 3})",
+       "head_dim must be in"},
+  };
+  for (const auto& [text, needle] : cases) {
+    INFO(text);
+    bool thrown = false;
+    try {
+      config_of(text);
+    } catch (const c10::Error& e) {
+      thrown = true;
+      CHECK_THAT(std::string(e.what_without_backtrace()),
+                 Catch::Contains("config.json") && Catch::Contains(needle));
+    }
+    CHECK(thrown);
+  }
+}
+
 TEST_CASE("gguf reads SmolLM2 metadata and tensors", "[cpu]") {
   if (!fs::exists(smollm2_path())) {
     WARN("SmolLM2 GGUF missing at " << smollm2_path() << "; run scripts/setup");
@@ -365,6 +658,66 @@ TEST_CASE("safetensors bad input gives errors naming the file and tensor", "[cpu
   auto ok = SafetensorsFile::open(path);
   CHECK_THROWS_WITH(ok.tensor("nope"), Catch::Contains("'nope'") &&
                                            Catch::Contains("llama_tied.ref.safetensors"));
+}
+
+namespace {
+
+/// A safetensors file: the 8-byte header length (`header_len` when given, else the header's
+/// size), the JSON header, the data.
+std::string safetensors_bytes(const std::string& header, const std::string& data,
+                              int64_t header_len = -1) {
+  std::string out(8, '\0');
+  const uint64_t n = header_len >= 0 ? static_cast<uint64_t>(header_len) : header.size();
+  std::memcpy(&out[0], &n, 8);
+  return out + header + data;
+}
+
+}  // namespace
+
+TEST_CASE("safetensors tensors must tile the data section exactly, as the reference library checks",
+          "[cpu]") {
+  TempDir tmp;
+  const std::string data(12, '\x01');
+  const std::string a = R"("a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]})";
+  const std::string b = R"("b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]})";
+  write_bytes(tmp.file("ok.safetensors"), safetensors_bytes("{" + b + ", " + a + "}  ", data));
+  const auto ok = SafetensorsFile::open(tmp.file("ok.safetensors"));
+  CHECK(ok.tensor("b").sizes() == torch::IntArrayRef({1}));
+  struct Forged {
+    const char* what;
+    std::string bytes;
+    std::string needle;
+  };
+  const std::string header = "{" + a + ", " + b + "}  ";  // two spaces of padding, as writers do
+  const std::vector<Forged> cases = {
+      {"header length one byte short (the data shift by one)",
+       safetensors_bytes(header, data, static_cast<int64_t>(header.size()) - 1),
+       "cover 12 bytes of the 13-byte data section"},
+      {"a gap", safetensors_bytes("{" + a + R"(, "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}})",
+                                  std::string(16, '\0')),
+       "tensor 'b': data_offsets begin at 12, expected 8 (a gap before it)"},
+      {"an overlap", safetensors_bytes("{" + a + R"(, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})",
+                                       std::string(8, '\0')),
+       "tensor 'b': data_offsets begin at 4, expected 8 (overlaps the tensor before it)"},
+      {"bytes no tensor owns", safetensors_bytes("{" + a + ", " + b + "}", data + "xyz"),
+       "cover 12 bytes of the 15-byte data section"},
+      {"a duplicate name", safetensors_bytes("{" + a + ", " + a + "}", data), "tensor 'a': listed twice"},
+      {"an element count overflowing int64",
+       safetensors_bytes(R"({"a": {"dtype": "F32", "shape": [4611686018427387904, 4], "data_offsets": [0, 0]}})", ""),
+       "overflows int64"},
+      {"a byte size overflowing int64",
+       safetensors_bytes(R"({"a": {"dtype": "F64", "shape": [2305843009213693952], "data_offsets": [0, 0]}})", ""),
+       "overflows int64"},
+      {"metadata that is not strings",
+       safetensors_bytes("{" + a + ", " + b + R"(, "__metadata__": {"format": 1}})", data),
+       "__metadata__['format'] must be a string"},
+  };
+  for (const auto& c : cases) {
+    INFO(c.what);
+    write_bytes(tmp.file("forged.safetensors"), c.bytes);
+    CHECK_THROWS_WITH(SafetensorsFile::open(tmp.file("forged.safetensors")),
+                      Catch::Contains("forged.safetensors") && Catch::Contains(c.needle));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -586,3 +586,36 @@ TEST_CASE("bad input gives clear errors", "[cpu]") {
   CHECK_THROWS_WITH(Tokenizer::from_gguf(kDir + "/tokenizers/bad_model.gguf"),
                     Catch::Contains("bad_model.gguf") && Catch::Contains("'llama'"));
 }
+
+TEST_CASE("token ids out of range give a c10::Error naming the entry, never wrap or exhaust memory",
+          "[cpu]") {
+  // Regression: added-token ids above 2^32 wrapped to small ids silently, ids near 2^31 made
+  // the reader allocate one slot per id up to them (std::bad_alloc).
+  const std::string model = R"("model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]})";
+  const std::string rest = R"(, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
+                             "decoder": {"type": "ByteLevel"}})";
+  auto with_added = [&](const std::string& id) {
+    return "{" + model + R"(, "added_tokens": [{"id": )" + id + R"(, "content": "<x>", "special": true}])" + rest;
+  };
+  for (const char* id : {"4294967301", "2147483646", "-1", "70000", "1e300"}) {
+    INFO("id " << id);
+    CHECK_THROWS_AS(Tokenizer::from_tokenizer_json_string(with_added(id), "ids.json"), c10::Error);
+  }
+  CHECK_THROWS_WITH(Tokenizer::from_tokenizer_json_string(with_added("4294967301"), "ids.json"),
+                    Catch::Contains("ids.json") && Catch::Contains("added_tokens[0].id = 4294967301") &&
+                        Catch::Contains("out of range"));
+  // Inside the range: accepted, and the id is the one written.
+  auto ok = Tokenizer::from_tokenizer_json_string(with_added("3"), "ids.json");
+  CHECK(ok.encode("<x>ab") == std::vector<int32_t>{3, 2});
+  // The same rule for model.vocab ids and the post-processor's special token ids.
+  CHECK_THROWS_WITH(Tokenizer::from_tokenizer_json_string(
+                        R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 2147483000}, "merges": []})" + rest,
+                        "vocab.json"),
+                    Catch::Contains("model.vocab['b'] = 2147483000") && Catch::Contains("out of range"));
+  CHECK_THROWS_WITH(Tokenizer::from_tokenizer_json_string(
+                        "{" + model + R"(, "post_processor": {"type": "TemplateProcessing",
+                           "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                           "special_tokens": {"<s>": {"id": "<s>", "ids": [4294967296], "tokens": ["<s>"]}}})" + rest,
+                        "post.json"),
+                    Catch::Contains("post.json") && Catch::Contains("out of range"));
+}

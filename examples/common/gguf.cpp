@@ -351,6 +351,17 @@ class Reader {
     return s;
   }
 
+  /// The fewest bytes one value of `type` takes in the file.
+  static uint64_t min_value_bytes(GgufType type) {
+    switch (type) {
+      case GgufType::UINT8: case GgufType::INT8: case GgufType::BOOL: return 1;
+      case GgufType::UINT16: case GgufType::INT16: return 2;
+      case GgufType::UINT32: case GgufType::INT32: case GgufType::FLOAT32: return 4;
+      case GgufType::ARRAY: return 12;  // element type and length
+      default: return 8;                // 64-bit values; a string's length
+    }
+  }
+
   GgufValue read_value(GgufType type, const std::string& key, int depth) {
     GgufValue v;
     v.type = type;
@@ -382,8 +393,13 @@ class Reader {
                     "': key '", key, "': unknown array element type ", et);
         v.elem_type = static_cast<GgufType>(et);
         const uint64_t n = read<uint64_t>(what + " (array length)");
-        // Every element takes at least one byte: a length beyond the file is corruption.
-        need(n, what + " (" + std::to_string(n) + " array elements)");
+        // Each element takes at least min_bytes of the file: a longer array is corruption, and
+        // refusing it before reserve() bounds the memory by the file size.
+        const uint64_t min_bytes = min_value_bytes(v.elem_type);
+        TORCH_CHECK(n <= size_ / min_bytes, "GGUF file '", path_, "': key '", key,
+                    "': array of ", n, " ", gguf_type_name(v.elem_type),
+                    " elements cannot fit in a file of ", size_, " bytes");
+        need(n * min_bytes, what + " (" + std::to_string(n) + " array elements)");
         v.elems.reserve(n);
         for (uint64_t i = 0; i < n; ++i) v.elems.push_back(read_value(v.elem_type, key, depth + 1));
         break;
@@ -435,8 +451,13 @@ GgufFile GgufFile::open(const std::string& path) {
               "': unsupported version ", f.version_, " (expected 2 or 3)");
   const uint64_t n_tensors = r.read<uint64_t>("tensor count");
   const uint64_t n_kv = r.read<uint64_t>("metadata count");
-  r.need(n_kv, "metadata (" + std::to_string(n_kv) + " entries)");
-  r.need(n_tensors, "tensor infos (" + std::to_string(n_tensors) + " entries)");
+  // A key-value pair takes at least 13 bytes (key length, type, one byte of value), a tensor
+  // info at least 32 (name length, dims count, one dim, type, offset).
+  TORCH_CHECK(n_kv <= mapping->size / 13 && n_tensors <= mapping->size / 32, "GGUF file '", path,
+              "': truncated file: ", n_kv, " metadata entries and ", n_tensors,
+              " tensor infos cannot fit in ", mapping->size, " bytes");
+  r.need(n_kv * 13 + n_tensors * 32, "metadata (" + std::to_string(n_kv) + " entries) and "
+         "tensor infos (" + std::to_string(n_tensors) + " entries)");
 
   for (uint64_t k = 0; k < n_kv; ++k) {
     std::string key = r.read_string("metadata key #" + std::to_string(k));
@@ -450,8 +471,8 @@ GgufFile GgufFile::open(const std::string& path) {
 
   if (f.has("general.alignment")) {
     const int64_t a = f.get_int("general.alignment");
-    TORCH_CHECK(a > 0 && (a & (a - 1)) == 0, "GGUF file '", path,
-                "': general.alignment must be a positive power of two, got ", a);
+    TORCH_CHECK(a > 0 && (a & (a - 1)) == 0 && a <= (int64_t(1) << 30), "GGUF file '", path,
+                "': general.alignment must be a power of two in [1, 2^30], got ", a);
     f.alignment_ = static_cast<uint64_t>(a);
   }
 
@@ -461,11 +482,15 @@ GgufFile GgufFile::open(const std::string& path) {
     const uint32_t nd = r.read<uint32_t>("dims of tensor '" + info.name + "'");
     TORCH_CHECK(nd >= 1 && nd <= 8, "GGUF file '", path, "': tensor '", info.name,
                 "': expected 1..8 dimensions, got ", nd);
+    int64_t numel = 1;
     for (uint32_t d = 0; d < nd; ++d) {
       const uint64_t dim = r.read<uint64_t>("dims of tensor '" + info.name + "'");
       TORCH_CHECK(dim < (uint64_t(1) << 40), "GGUF file '", path, "': tensor '", info.name,
                   "': dimension ", dim, " is implausible");
       info.ggml_dims.push_back(static_cast<int64_t>(dim));
+      TORCH_CHECK(!__builtin_mul_overflow(numel, static_cast<int64_t>(dim), &numel),
+                  "GGUF file '", path, "': tensor '", info.name, "': the element count of shape ",
+                  torch::IntArrayRef(info.ggml_dims), " (ggml order) overflows int64");
     }
     info.shape.assign(info.ggml_dims.rbegin(), info.ggml_dims.rend());
     const uint32_t type = r.read<uint32_t>("type of tensor '" + info.name + "'");
@@ -477,7 +502,11 @@ GgufFile GgufFile::open(const std::string& path) {
     TORCH_CHECK(info.ggml_dims[0] % row->block == 0, "GGUF file '", path, "': tensor '",
                 info.name, "': inner dimension ", info.ggml_dims[0],
                 " is not a multiple of the ", row->name, " block size ", row->block);
-    info.nbytes = static_cast<uint64_t>(info.numel() / row->block * row->bytes);
+    int64_t nbytes = 0;
+    TORCH_CHECK(!__builtin_mul_overflow(numel / row->block, row->bytes, &nbytes), "GGUF file '",
+                path, "': tensor '", info.name, "': the byte size of ", numel, " ", row->name,
+                " values overflows int64");
+    info.nbytes = static_cast<uint64_t>(nbytes);
     TORCH_CHECK(!f.tensor_index_.count(info.name), "GGUF file '", path, "': tensor '",
                 info.name, "' listed twice");
     f.tensor_index_[info.name] = f.tensors_.size();
@@ -487,12 +516,27 @@ GgufFile GgufFile::open(const std::string& path) {
   const uint64_t pos = r.pos();
   f.data_offset_ = (pos + f.alignment_ - 1) / f.alignment_ * f.alignment_;
   const uint64_t size = mapping->size;
+  // As llama.cpp's reader requires: the tensors tile the data section in file order, each at
+  // the previous one's end rounded up to the alignment. So data cannot overlap, be unaligned,
+  // shifted or out of order, and each tensor's byte size (from its type and shape) is exactly
+  // the room it has: a changed type id or shape moves every later offset.
+  uint64_t expected = 0;
   for (const auto& info : f.tensors_) {
+    TORCH_CHECK(info.offset == expected, "GGUF file '", path, "': tensor '", info.name,
+                "': data offset ", info.offset, ", expected ", expected,
+                " (tensors follow each other in file order, each at a multiple of the alignment ",
+                f.alignment_, " after the previous one's end)");
     const uint64_t begin = f.data_offset_ + info.offset;
     TORCH_CHECK(info.offset <= size && begin <= size && info.nbytes <= size - begin,
                 "GGUF file '", path, "': truncated file: tensor '", info.name, "' (",
                 ggml_type_name(info.type), ", ", info.nbytes, " bytes) spans bytes [", begin, ", ",
                 begin + info.nbytes, ") but the file has ", size, " bytes");
+    expected = (info.offset + info.nbytes + f.alignment_ - 1) / f.alignment_ * f.alignment_;
+  }
+  if (!f.tensors_.empty()) {
+    TORCH_CHECK(size - f.data_offset_ <= expected, "GGUF file '", path, "': the data section has ",
+                size - f.data_offset_, " bytes but its tensors (to the last one's padded end) take ",
+                expected, " (extra data, or a tensor's type or shape changed)");
   }
   return f;
 }

@@ -73,8 +73,19 @@ struct ModelConfig {
   static ModelConfig from_hf_folder(const std::string& dir);
   /// From GGUF metadata (general.architecture llama / qwen2 / bloom).
   static ModelConfig from_gguf(const GgufFile& file);
-  /// Checks sizes and divisibility; throws naming the field.
+  /// Checks every value before anything uses it: sizes in [1, cap] (the caps below), head
+  /// counts dividing, head_dim even (and hidden / heads when not given), rope theta, scaling
+  /// factors and norm epsilon finite and positive, token ids -1 or inside the vocabulary;
+  /// throws naming the field, the expectation and the value.
   void validate() const;
+  // Caps far above any released model, so that a forged value fails before an allocation.
+  static constexpr int64_t kMaxVocab = int64_t(1) << 22;
+  static constexpr int64_t kMaxHidden = int64_t(1) << 16;
+  static constexpr int64_t kMaxLayers = 1024;
+  static constexpr int64_t kMaxHeads = 1024;
+  static constexpr int64_t kMaxHeadDim = 1024;
+  static constexpr int64_t kMaxIntermediate = int64_t(1) << 20;
+  static constexpr int64_t kMaxPositions = int64_t(1) << 24;
   /// One line: "llama: 30 layers, hidden 576, heads 9/3, ffn 1536, vocab 49152, ...".
   std::string summary() const;
 };

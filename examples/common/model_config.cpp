@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <sstream>
 
@@ -23,6 +24,12 @@ void read_rope(const json::Value& holder, ModelConfig& c) {
       holder.get_int("original_max_position_embeddings", 8192);
 }
 
+/// hidden / heads when heads divides hidden, else 0, which validate() rejects naming both (a
+/// head count of 0 must not reach the division).
+int64_t default_head_dim(int64_t hidden, int64_t heads) {
+  return heads > 0 && hidden > 0 && hidden % heads == 0 ? hidden / heads : 0;
+}
+
 std::vector<int64_t> int_or_list(const json::Value& v) {
   std::vector<int64_t> out;
   if (v.is_array()) {
@@ -31,6 +38,37 @@ std::vector<int64_t> int_or_list(const json::Value& v) {
     out.push_back(v.as_int());
   }
   return out;
+}
+
+/// The tensors a model of config `c` reads from `f` exist with the shapes it implies, so that a
+/// forged size (block_count, embedding_length, vocab_size, head counts) is refused before a
+/// model is allocated from it: every allocation is then bounded by the file's own tensors.
+void check_gguf_tensor_shapes(const GgufFile& f, const ModelConfig& c) {
+  auto expect = [&](const std::string& name, std::vector<int64_t> shape, const char* from) {
+    TORCH_CHECK(f.has_tensor(name), "GGUF file '", f.path(), "': tensor '", name,
+                "' not found, expected by ", from);
+    const auto& got = f.tensor_info(name).shape;
+    TORCH_CHECK(got == shape, "GGUF file '", f.path(), "': tensor '", name, "' has shape ",
+                torch::IntArrayRef(got), ", expected ", torch::IntArrayRef(shape), " from ", from);
+  };
+  const std::string p = c.architecture + ".";
+  expect("token_embd.weight", {c.vocab_size, c.hidden_size},
+         "the vocabulary size and embedding_length");
+  for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+    const std::string b = "blk." + std::to_string(layer) + ".";
+    const std::string from = p + "block_count " + std::to_string(c.num_layers);
+    expect(b + "attn_norm.weight", {c.hidden_size}, from.c_str());
+    if (c.architecture == "bloom") {
+      expect(b + "attn_qkv.weight", {3 * c.hidden_size, c.hidden_size}, "embedding_length");
+    } else {
+      expect(b + "attn_q.weight", {c.num_heads * c.head_dim, c.hidden_size},
+             "attention.head_count and the head size");
+      expect(b + "attn_k.weight", {c.num_kv_heads * c.head_dim, c.hidden_size},
+             "attention.head_count_kv and the head size");
+    }
+    expect(b + "ffn_down.weight", {c.hidden_size, c.intermediate_size},
+           "feed_forward_length and embedding_length");
+  }
 }
 
 }  // namespace
@@ -58,8 +96,8 @@ ModelConfig ModelConfig::from_hf_json(const json::Value& j, const std::string& s
       c.num_layers = j["n_layer"].as_int();
       c.num_heads = j["n_head"].as_int();
       c.num_kv_heads = c.num_heads;
-      c.head_dim = c.hidden_size / c.num_heads;
-      c.intermediate_size = 4 * c.hidden_size;
+      c.head_dim = default_head_dim(c.hidden_size, c.num_heads);
+      c.intermediate_size = c.hidden_size <= ModelConfig::kMaxHidden ? 4 * c.hidden_size : 0;
       c.norm_eps = j.get_double("layer_norm_epsilon", 1e-5);
       c.tie_word_embeddings = true;  // BloomForCausalLM always ties lm_head to the embeddings
       c.apply_residual_connection_post_layernorm =
@@ -70,7 +108,7 @@ ModelConfig ModelConfig::from_hf_json(const json::Value& j, const std::string& s
       c.num_layers = j["num_hidden_layers"].as_int();
       c.num_heads = j["num_attention_heads"].as_int();
       c.num_kv_heads = j.get_int("num_key_value_heads", c.num_heads);
-      c.head_dim = j.get_int("head_dim", c.hidden_size / c.num_heads);
+      c.head_dim = j.get_int("head_dim", default_head_dim(c.hidden_size, c.num_heads));
       c.intermediate_size = j["intermediate_size"].as_int();
       c.norm_eps = j.get_double("rms_norm_eps", 1e-6);
       c.max_position_embeddings = j.get_int("max_position_embeddings", 2048);
@@ -141,9 +179,10 @@ ModelConfig ModelConfig::from_gguf(const GgufFile& f) {
   c.num_layers = f.get_int(p + "block_count");
   c.num_heads = f.get_int(p + "attention.head_count");
   c.num_kv_heads = f.get_int_or(p + "attention.head_count_kv", c.num_heads);
-  c.intermediate_size = f.get_int_or(p + "feed_forward_length", 4 * c.hidden_size);
+  c.intermediate_size = f.get_int_or(
+      p + "feed_forward_length", c.hidden_size <= ModelConfig::kMaxHidden ? 4 * c.hidden_size : 0);
   c.max_position_embeddings = f.get_int_or(p + "context_length", 2048);
-  c.head_dim = f.get_int_or(p + "attention.key_length", c.hidden_size / c.num_heads);
+  c.head_dim = f.get_int_or(p + "attention.key_length", default_head_dim(c.hidden_size, c.num_heads));
   if (f.has(p + "vocab_size")) {
     c.vocab_size = f.get_int(p + "vocab_size");
   } else if (f.has("tokenizer.ggml.tokens")) {
@@ -187,29 +226,66 @@ ModelConfig ModelConfig::from_gguf(const GgufFile& f) {
   } catch (const c10::Error& e) {
     TORCH_CHECK(false, "GGUF file '", f.path(), "': ", e.msg());
   }
+  check_gguf_tensor_shapes(f, c);
   return c;
 }
 
 void ModelConfig::validate() const {
-  auto positive = [](const char* name, int64_t v) {
-    TORCH_CHECK(v > 0, "config: ", name, " must be positive, got ", v);
+  // Sizes: positive and at most a cap far above any released model (the largest have hidden
+  // 16384-18432, 126 layers, 128 heads, head_dim 256, FFN 53248-73728, vocab 256000), so a
+  // forged value is refused before anything is allocated from it.
+  auto size = [](const char* name, int64_t v, int64_t cap) {
+    TORCH_CHECK(v > 0 && v <= cap, "config: ", name, " must be in [1, ", cap, "], got ", v);
   };
-  positive("vocab_size", vocab_size);
-  positive("hidden_size", hidden_size);
-  positive("num_layers", num_layers);
-  positive("num_heads", num_heads);
-  positive("num_kv_heads", num_kv_heads);
-  positive("head_dim", head_dim);
-  positive("intermediate_size", intermediate_size);
+  size("vocab_size", vocab_size, kMaxVocab);
+  size("hidden_size", hidden_size, kMaxHidden);
+  size("num_layers", num_layers, kMaxLayers);
+  size("num_heads", num_heads, kMaxHeads);
+  size("num_kv_heads", num_kv_heads, kMaxHeads);
+  size("head_dim", head_dim, kMaxHeadDim);
+  size("intermediate_size", intermediate_size, kMaxIntermediate);
+  size("max_position_embeddings", max_position_embeddings, kMaxPositions);
   TORCH_CHECK(num_heads % num_kv_heads == 0, "config: num_heads ", num_heads,
               " must be a multiple of num_kv_heads ", num_kv_heads);
   TORCH_CHECK(head_dim % 2 == 0, "config: head_dim must be even for RoPE, got ", head_dim);
   if (architecture == "bloom")
-    TORCH_CHECK(num_heads * head_dim == hidden_size, "config: bloom needs n_head * head_dim == hidden_size");
-  if (!rope_freq_factors.empty())
+    TORCH_CHECK(num_heads * head_dim == hidden_size, "config: bloom needs n_head * head_dim == "
+                "hidden_size, got ", num_heads, " * ", head_dim, " != ", hidden_size);
+  auto positive_finite = [](const char* name, double v) {
+    TORCH_CHECK(std::isfinite(v) && v > 0, "config: ", name, " must be a finite number > 0, got ",
+                v);
+  };
+  TORCH_CHECK(std::isfinite(norm_eps) && norm_eps > 0 && norm_eps < 1,
+              "config: norm epsilon must be a finite number in (0, 1), got ", norm_eps);
+  if (architecture != "bloom") {
+    positive_finite("rope_theta", rope_theta);
+    const RopeScaling& r = rope_scaling;
+    if (r.type != "default") positive_finite("rope_scaling.factor", r.factor);
+    if (r.type == "llama3") {
+      positive_finite("rope_scaling.low_freq_factor", r.low_freq_factor);
+      positive_finite("rope_scaling.high_freq_factor", r.high_freq_factor);
+      TORCH_CHECK(r.high_freq_factor > r.low_freq_factor, "config: rope_scaling.high_freq_factor ",
+                  r.high_freq_factor, " must exceed low_freq_factor ", r.low_freq_factor);
+      size("rope_scaling.original_max_position_embeddings", r.original_max_position_embeddings,
+           kMaxPositions);
+    }
+  }
+  if (!rope_freq_factors.empty()) {
     TORCH_CHECK(static_cast<int64_t>(rope_freq_factors.size()) == head_dim / 2,
                 "config: rope_freqs has ", rope_freq_factors.size(), " entries, expected head_dim/2 = ",
                 head_dim / 2);
+    for (size_t i = 0; i < rope_freq_factors.size(); ++i)
+      TORCH_CHECK(std::isfinite(rope_freq_factors[i]) && rope_freq_factors[i] > 0,
+                  "config: rope_freqs[", i, "] must be a finite number > 0, got ",
+                  rope_freq_factors[i]);
+  }
+  auto token = [&](const char* name, int64_t id) {
+    TORCH_CHECK(id >= -1 && id < vocab_size, "config: ", name, " must be -1 (none) or in [0, ",
+                vocab_size, "), got ", id);
+  };
+  token("bos_token_id", bos_token_id);
+  token("pad_token_id", pad_token_id);
+  for (int64_t id : eos_token_ids) token("eos_token_id", id);
 }
 
 std::string ModelConfig::summary() const {

@@ -32,6 +32,9 @@ constexpr DtypeRow kDtypes[] = {
     {"BOOL", torch::kBool, 1},
 };
 
+/// The reference library's limit on the JSON header (MAX_HEADER_SIZE).
+constexpr uint64_t kMaxHeaderBytes = 100000000;
+
 }  // namespace
 
 SafetensorsFile SafetensorsFile::open(const std::string& path) {
@@ -48,6 +51,9 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   TORCH_CHECK(header_len <= size - 8, "safetensors file '", path,
               "': corrupt header: header length ", header_len, " exceeds the ", size - 8,
               " bytes after the length field");
+  TORCH_CHECK(header_len <= kMaxHeaderBytes, "safetensors file '", path,
+              "': corrupt header: header length ", header_len, " exceeds the format's limit of ",
+              kMaxHeaderBytes, " bytes");
   f.data_offset_ = 8 + header_len;
   const std::string text(reinterpret_cast<const char*>(mapping->data + 8), header_len);
   json::Value header;
@@ -63,15 +69,22 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     const std::string& name = member.first;
     const json::Value& v = member.second;
     if (name == "__metadata__") {
-      if (v.is_object())
-        for (const auto& kv : v.items())
-          if (kv.second.is_string()) f.metadata_[kv.first] = kv.second.as_string();
+      TORCH_CHECK(v.is_object(), "safetensors file '", path,
+                  "': corrupt header: __metadata__ must be an object of strings, got ",
+                  v.type_name());
+      for (const auto& kv : v.items()) {
+        TORCH_CHECK(kv.second.is_string(), "safetensors file '", path,
+                    "': corrupt header: __metadata__['", kv.first, "'] must be a string, got ",
+                    kv.second.type_name());
+        f.metadata_[kv.first] = kv.second.as_string();
+      }
       continue;
     }
     auto bad = [&](const std::string& what) {
       TORCH_CHECK(false, "safetensors file '", path, "': corrupt header: tensor '", name, "': ",
                   what);
     };
+    if (f.index_.count(name)) bad("listed twice");
     if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") ||
         !v.contains("data_offsets"))
       bad("expected an object with dtype, shape and data_offsets, got " + v.dump());
@@ -91,8 +104,12 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     for (const auto& d : v["shape"].elements()) {
       if (!d.is_int() || d.as_int() < 0) bad("shape entries must be non-negative integers");
       info.shape.push_back(d.as_int());
-      numel *= d.as_int();
+      if (__builtin_mul_overflow(numel, d.as_int(), &numel))
+        bad("the element count of shape " + v["shape"].dump() + " overflows int64");
     }
+    int64_t nbytes = 0;
+    if (__builtin_mul_overflow(numel, row->bytes, &nbytes))
+      bad("the byte size of shape " + v["shape"].dump() + " overflows int64");
     const json::Value& off = v["data_offsets"];
     if (!off.is_array() || off.size() != 2 || !off[0].is_int() || !off[1].is_int() ||
         off[0].as_int() < 0 || off[1].as_int() < off[0].as_int())
@@ -102,12 +119,30 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     if (info.end > data_size)
       bad("data_offsets end " + std::to_string(info.end) + " is past the data section of " +
           std::to_string(data_size) + " bytes (truncated file?)");
-    if (info.end - info.begin != static_cast<uint64_t>(numel * row->bytes))
+    if (info.end - info.begin != static_cast<uint64_t>(nbytes))
       bad("data_offsets span " + std::to_string(info.end - info.begin) + " bytes, expected " +
-          std::to_string(numel * row->bytes) + " for " + info.dtype + " " + v["shape"].dump());
+          std::to_string(nbytes) + " for " + info.dtype + " " + v["shape"].dump());
     f.index_[name] = f.tensors_.size();
     f.tensors_.push_back(std::move(info));
   }
+  // As the reference library validates: sorted by offset, the tensors tile the data section
+  // exactly, with no gap, no overlap and no byte left over (a header length off by one shifts
+  // the data section and fails here).
+  std::vector<const SafetensorsTensorInfo*> order;
+  for (const auto& t : f.tensors_) order.push_back(&t);
+  std::sort(order.begin(), order.end(), [](const auto* a, const auto* b) {
+    return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
+  });
+  uint64_t covered = 0;
+  for (const auto* t : order) {
+    TORCH_CHECK(t->begin == covered, "safetensors file '", path, "': corrupt header: tensor '",
+                t->name, "': data_offsets begin at ", t->begin, ", expected ", covered,
+                t->begin < covered ? " (overlaps the tensor before it)" : " (a gap before it)");
+    covered = t->end;
+  }
+  TORCH_CHECK(covered == data_size, "safetensors file '", path, "': corrupt header: the tensors "
+              "cover ", covered, " bytes of the ", data_size, "-byte data section (a wrong header "
+              "length, or bytes no tensor owns)");
   return f;
 }
 

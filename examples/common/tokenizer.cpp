@@ -1110,6 +1110,19 @@ void parse_pre_tokenizer(TokenizerImpl& impl, const json::Value& v, const std::s
   }
 }
 
+/// Ids are stored densely (one slot per id up to the largest): an id must lie below the
+/// number of tokens the file lists plus this slack, so a forged id cannot make the reader
+/// allocate gigabytes.
+constexpr int64_t kTokenIdSlack = 65536;
+
+/// `id` as an int32 token id in [0, limit), else a c10::Error naming `what`.
+int32_t checked_token_id(int64_t id, int64_t limit, const std::string& where,
+                         const std::string& what) {
+  TORCH_CHECK(id >= 0 && id < limit, where, ": ", what, " = ", id, " is out of range: expected an "
+              "id in [0, ", limit, ")");
+  return static_cast<int32_t>(id);
+}
+
 void parse_post_processor(TokenizerImpl& impl, const json::Value& v, const std::string& where) {
   if (v.is_null()) return;
   std::string type = type_of(v, where);
@@ -1138,7 +1151,9 @@ void parse_post_processor(TokenizerImpl& impl, const json::Value& v, const std::
         TORCH_CHECK(tok, where, ".single[", i, "]: special token '", name, "' is not in special_tokens");
         const auto& ids = (*tok)["ids"];
         auto& dst = seen_a ? impl.suffix : impl.prefix;
-        for (size_t k = 0; k < ids.size(); ++k) dst.push_back(static_cast<int32_t>(ids[k].as_int()));
+        for (size_t k = 0; k < ids.size(); ++k)
+          dst.push_back(checked_token_id(ids[k].as_int(), INT32_MAX, where,
+                                         "special_tokens['" + name + "'].ids[" + std::to_string(k) + "]"));
       } else {
         TORCH_CHECK(false, where, ".single[", i, "]: expected Sequence or SpecialToken");
       }
@@ -1218,12 +1233,16 @@ std::shared_ptr<TokenizerImpl> load_tokenizer_json(const std::string& text, cons
   TORCH_CHECK(!dropout || dropout->is_null() || dropout->as_double() == 0.0, source,
               ": model.dropout is not supported (encode would be random)");
   const auto& vocab = model["vocab"];
+  const json::Value* added_tokens = root.find("added_tokens");
+  const size_t n_added = added_tokens && added_tokens->is_array() ? added_tokens->size() : 0;
+  const int64_t id_limit = std::min<int64_t>(
+      INT32_MAX, static_cast<int64_t>(vocab.size() + n_added) + detail::kTokenIdSlack);
   impl->vocab.reserve(vocab.size() * 2);
   for (const auto& kv : vocab.items()) {
-    int64_t id = kv.second.as_int();
-    TORCH_CHECK(id >= 0 && id < INT32_MAX, source, ": model.vocab['", kv.first, "'] = ", id, " is out of range");
-    impl->vocab[kv.first] = static_cast<int32_t>(id);
-    impl->set_token(static_cast<int32_t>(id), kv.first);
+    const int32_t id = detail::checked_token_id(kv.second.as_int(), id_limit, source,
+                                                "model.vocab['" + kv.first + "']");
+    impl->vocab[kv.first] = id;
+    impl->set_token(id, kv.first);
   }
   const auto& merges = model["merges"];
   impl->merges.reserve(merges.size() * 2);
@@ -1250,11 +1269,12 @@ std::shared_ptr<TokenizerImpl> load_tokenizer_json(const std::string& text, cons
     TORCH_CHECK(it != impl->vocab.end(), source, ": model.unk_token '", unk, "' is not in the vocabulary");
     impl->model_unk = it->second;
   }
-  if (const json::Value* at = root.find("added_tokens"); at && !at->is_null()) {
+  if (const json::Value* at = added_tokens; at && !at->is_null()) {
     for (size_t i = 0; i < at->size(); ++i) {
       const auto& t = (*at)[i];
       AddedToken a;
-      a.id = static_cast<int32_t>(t["id"].as_int());
+      a.id = detail::checked_token_id(t["id"].as_int(), id_limit, source,
+                                      "added_tokens[" + std::to_string(i) + "].id");
       a.content = t["content"].as_string();
       TORCH_CHECK(!a.content.empty(), source, ": added_tokens[", i, "] has empty content");
       a.special = t.get_bool("special", false);
@@ -1285,6 +1305,9 @@ std::shared_ptr<TokenizerImpl> load_tokenizer_json(const std::string& text, cons
   impl->pre_name.clear();
   for (const auto& st : impl->steps) impl->pre_name += (impl->pre_name.empty() ? "" : " + ") + st.name;
   impl->finish();
+  for (const auto* ids : {&impl->prefix, &impl->suffix})
+    for (int32_t id : *ids)
+      detail::checked_token_id(id, impl->size(), source, "post_processor special token id");
   if (!impl->prefix.empty() && impl->prefix.size() == 1) impl->bos = impl->prefix[0];
   return impl;
 }
@@ -1467,9 +1490,11 @@ Tokenizer Tokenizer::from_directory(const std::string& dir) {
     json::Value g = json::parse_file(gen);
     if (const json::Value* e = g.find("eos_token_id"); e && !e->is_null()) {
       if (e->is_array()) {
-        for (size_t i = 0; i < e->size(); ++i) detail::add_stop(*impl, static_cast<int32_t>((*e)[i].as_int()));
+        for (size_t i = 0; i < e->size(); ++i)
+          detail::add_stop(*impl, detail::checked_token_id((*e)[i].as_int(), impl->size(), gen,
+                                                           "eos_token_id[" + std::to_string(i) + "]"));
       } else {
-        detail::add_stop(*impl, static_cast<int32_t>(e->as_int()));
+        detail::add_stop(*impl, detail::checked_token_id(e->as_int(), impl->size(), gen, "eos_token_id"));
       }
     }
   }

@@ -133,10 +133,25 @@ void write_file_atomically(const std::string& path, const std::string& text) {
     }
     done += static_cast<size_t>(w);
   }
-  ::fsync(fd);
+  ::close(fd);
+  commit_file(tmp, path);
+}
+
+void commit_file(const std::string& tmp, const std::string& path) {
+  // The data reach the disk before the rename can: a crash leaves the old file or the new one.
+  const int fd = ::open(tmp.c_str(), O_RDONLY);
+  TORCH_CHECK(fd >= 0 && ::fsync(fd) == 0, "cannot sync ", tmp, ": ", std::strerror(errno));
   ::close(fd);
   TORCH_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, "cannot rename ", tmp, " to ", path, ": ",
               std::strerror(errno));
+  // And the rename itself (the folder's entry) is made durable.
+  const size_t slash = path.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash + 1);
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
 }
 
 std::string write_reports(const std::string& out_dir, const std::vector<EpochRecord>& records) {

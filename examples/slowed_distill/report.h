@@ -46,6 +46,10 @@ std::string to_csv(const EpochRecord& r);
 /// Throws c10::Error naming the path on failure.
 void write_file_atomically(const std::string& path, const std::string& text);
 
+/// Makes the finished temporary file `tmp` the file `path`: fsync, rename over `path`, fsync of
+/// the folder. Throws c10::Error naming the file on failure.
+void commit_file(const std::string& tmp, const std::string& path);
+
 /// results.jsonl, results.csv and (when gnuplot is available) plot.png in `out_dir`.
 /// Returns the plot path, or "" with a warning printed when gnuplot is missing.
 std::string write_reports(const std::string& out_dir, const std::vector<EpochRecord>& records);

@@ -223,7 +223,7 @@ void save_checkpoint(const RunConfig& cfg, const std::string& mode, int epoch, L
   const std::string path = checkpoint_path(cfg, mode);
   const std::string tmp = path + ".tmp";
   archive.save_to(tmp);
-  TORCH_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "checkpoint: cannot rename ", tmp, " to ", path);
+  commit_file(tmp, path);
 }
 
 int load_checkpoint(const RunConfig& cfg, const std::string& mode, LanguageModel& lm, Optimizer& opt) {

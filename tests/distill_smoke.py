@@ -8,9 +8,12 @@ paths give clear errors. Exits 77 (ctest: skipped) when the data or the model is
 import argparse
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", required=True)
@@ -105,7 +108,9 @@ check("slowed" in p.stdout and "safety" in p.stdout, "no result table printed")
 
 # 2. Resume is exact: 2 epochs straight vs 1 epoch, then --resume to 2.
 straight = os.path.join(args.work, "straight")
+t0 = time.monotonic()
 run(straight, "--modes", "slowed", "--epochs", "2")
+duration = time.monotonic() - t0
 resumed = os.path.join(args.work, "resumed")
 run(resumed, "--modes", "slowed", "--epochs", "1")
 run(resumed, "--modes", "slowed", "--epochs", "2", "--resume")
@@ -117,6 +122,57 @@ for key in a:
         if k.endswith("_seconds") or k == "peak_rss_mb":
             continue
         check(a[key][k] == b.get(key, {}).get(k), f"resume: {key} {k}: {a[key][k]} vs {b.get(key, {}).get(k)}")
+
+# 2b. A SIGKILL at any point, then --resume until it finishes, gives the uninterrupted records
+#     (timings aside) and the same AdvBench responses: seeded random kill times over the run, plus
+#     kills at the moments the epoch-1 record and the epoch-1 checkpoint appear (the windows
+#     between writing the reports and the checkpoint).
+def comparable(out):
+    return {(r["mode"], r["epoch"]): {k: v for k, v in r.items() if not (k.endswith("_seconds") or k == "peak_rss_mb")}
+            for r in records(out)}
+
+
+def samples(out):
+    d = os.path.join(out, "samples")
+    return {n: open(os.path.join(d, n)).read() for n in sorted(os.listdir(d))} if os.path.isdir(d) else {}
+
+
+def epoch1_recorded(out):
+    try:
+        return any(r["mode"] == "slowed" and r["epoch"] == 1 for r in records(out))
+    except (OSError, ValueError):
+        return False
+
+
+LONG = ["--modes", "slowed", "--epochs", "2"]
+rng = random.Random(20261202)
+kill_points = [("at %.2f s" % t, (lambda t: lambda out: time.monotonic() - start >= t)(t))
+               for t in sorted(rng.uniform(0.05, 0.95) * duration for _ in range(4))]
+kill_points += [("when the epoch-1 record appears", epoch1_recorded),
+                ("when the epoch-1 checkpoint appears",
+                 lambda out: os.path.exists(os.path.join(out, "checkpoints", "slowed.pt")))]
+want, want_samples = comparable(straight), samples(straight)
+for i, (what, due) in enumerate(kill_points):
+    out = os.path.join(args.work, f"killed{i}")
+    proc = subprocess.Popen([args.bin, *SMALL, "--out", out, *LONG],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start = time.monotonic()
+    while proc.poll() is None and not due(out):
+        time.sleep(0.001)
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumes = 0
+    while resumes < 3:  # one resume always finishes; the loop only bounds a failure
+        resumes += 1
+        if subprocess.run([args.bin, *SMALL, "--out", out, *LONG, "--resume"],
+                          capture_output=True).returncode == 0:
+            break
+    print(f"kill {what}: {'killed' if killed else 'finished first'}, {resumes} resume(s)")
+    got = comparable(out)
+    check(got == want, f"kill {what}: records differ after --resume: {got} vs {want}")
+    check(samples(out) == want_samples, f"kill {what}: AdvBench responses differ after --resume")
 
 # 3. Bad paths give clear errors, not crashes.
 p = run(os.path.join(args.work, "bad"), "--data", "/nonexistent/data", expect=2)

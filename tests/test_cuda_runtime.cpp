@@ -3,6 +3,7 @@
 // survives corruption. "[cuda]" cases launch the smoke kernels on a GPU and compare with ATen.
 #include <catch2/catch.hpp>
 #include <slowed/cuda/jit.h>
+#include <slowed/cuda/kernels/registry.h>
 #include <c10/core/StreamGuard.h>
 #include <torch/torch.h>
 

@@ -22,12 +22,6 @@
 namespace slowed {
 namespace cuda {
 
-/// True when SLOWED_CUDA_KERNELS=1 asks for the fused CUDA kernels (see the status note above).
-inline bool fused_kernels_requested() {
-  const char* v = std::getenv("SLOWED_CUDA_KERNELS");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
-
 /// Threads per row: enough 16-byte vectors per thread to hide latency, at most 1024.
 inline unsigned emce_block_size(int64_t vocab) {
   if (vocab >= 65536) return 1024;

@@ -24,7 +24,6 @@
 #include <slowed/cuda/driver.h>
 #include <slowed/cuda/kernel_cache.h>
 #include <slowed/cuda/kernel_source.h>
-#include <slowed/cuda/kernels/registry.h>
 #include <slowed/cuda/nvrtc.h>
 
 #include <c10/core/Device.h>

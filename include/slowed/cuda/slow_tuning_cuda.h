@@ -7,10 +7,9 @@
 //
 // Status: the kernels compile with NVRTC for sm_80/sm_90 in every test run but have not yet run
 // on a GPU in this project's test record. Until they have, SlowTuningOptimizer uses them only
-// when SLOWED_CUDA_KERNELS=1 is set (slowed::cuda::fused_kernels_requested(), shared with the
+// when SLOWED_CUDA_KERNELS=1 is set (slowed::detail::fused_kernels_requested(), shared with the
 // loss); otherwise CUDA tensors take the ATen reference path, which is correct everywhere.
 
-#include <slowed/cuda/entropy_masked_ce_cuda.h>  // fused_kernels_requested()
 #include <slowed/cuda/jit.h>
 #include <slowed/cuda/storage_dtype.h>
 #include <slowed/cuda/kernels/slow_tuning_kernels.h>

@@ -11,6 +11,7 @@
 
 #include <slowed/cpu/entropy_masked_cross_entropy_cpu.h>
 #include <slowed/cuda/entropy_masked_ce_cuda.h>
+#include <slowed/detail/backend.h>
 #include <slowed/detail/check.h>
 #include <slowed/loss/entropy_mask_stats.h>
 #include <slowed/loss/entropy_masked_cross_entropy_options.h>
@@ -204,19 +205,6 @@ inline bool use_fused_cpu(const at::Tensor& logits, const EntropyMaskedCrossEntr
          (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf);
 }
 
-/// True when the fused CUDA kernels serve this call: CUDA tensors in fp32, bf16 or fp16, the
-/// kernels requested (SLOWED_CUDA_KERNELS=1, see slowed/cuda/entropy_masked_ce_cuda.h) and the
-/// run-time compiler usable (else one warning and the reference path).
-inline bool use_fused_cuda(const at::Tensor& t, bool use_reference) {
-  const auto dt = t.scalar_type();
-  if (use_reference || !t.is_cuda() || !(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf))
-    return false;
-  if (!cuda::fused_kernels_requested()) return false;
-  if (cuda::cuda_jit_available()) return true;
-  cuda::warn_once_fallback("EntropyMaskedCrossEntropy");
-  return false;
-}
-
 /// Phase A (and C) with the fused CUDA kernel; same outputs as `fused_cpu_rows`.
 inline RowTerms fused_cuda_rows(const FlatInputs& in, const EntropyMaskedCrossEntropyOptions& opt,
                                 at::Tensor& grad, at::Tensor& kernel_keep) {
@@ -318,7 +306,7 @@ inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const a
   // A kernel that wrote the gradient over the logits did so through a raw pointer: bump their
   // version counter so that autograd reports any other saved use of them (ATen ops would).
   if (need_grad && opt.inplace_backward() && (fused_cpu || fused_cuda))
-    logits.unsafeGetTensorImpl()->bump_version();
+    bump_version(logits);
   if (opt.check_inputs()) check_loss_data(in, terms.lse, opt);
 
   MaskDecision d =

@@ -24,6 +24,7 @@
 
 #include <slowed/cpu/slow_tuning_cpu.h>
 #include <slowed/cuda/slow_tuning_cuda.h>
+#include <slowed/detail/backend.h>
 #include <slowed/detail/check.h>
 #include <slowed/optim/slow_tuning_options.h>
 #include <slowed/optim/slow_tuning_stats.h>
@@ -93,35 +94,6 @@ struct AdamTraits<torch::optim::Adam> {
   using State = torch::optim::AdamParamState;
 };
 
-/// Which fused kernels can transform a parameter.
-enum class FusedKind { None, Cpu, Cuda };
-
-/// The CUDA kernels are used when requested (SLOWED_CUDA_KERNELS=1) and the run-time compiler
-/// works; otherwise one warning per process and the reference path.
-inline bool cuda_kernels_usable() {
-  if (!cuda::fused_kernels_requested()) return false;
-  if (cuda::cuda_jit_available()) return true;
-  cuda::warn_once_fallback("SlowTuningOptimizer");
-  return false;
-}
-
-/// Dense contiguous fp32/bf16 CPU tensors take the CPU kernels; fp32/bf16/fp16 CUDA tensors the
-/// CUDA kernels (when usable); everything else the reference path.
-inline FusedKind fused_kind(const at::Tensor& t) {
-  if (!t.defined() || t.layout() != at::kStrided || !t.is_contiguous() || t.is_inference()) {
-    return FusedKind::None;
-  }
-  const auto dt = t.scalar_type();
-  if (t.is_cpu()) {
-    return dt == at::kFloat || dt == at::kBFloat16 ? FusedKind::Cpu : FusedKind::None;
-  }
-  if (t.is_cuda() && (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf) &&
-      cuda_kernels_usable()) {
-    return FusedKind::Cuda;
-  }
-  return FusedKind::None;
-}
-
 /// True when `t` is a dense contiguous tensor with the dtype, device and shape of `like`.
 inline bool same_layout(const at::Tensor& t, const at::Tensor& like) {
   return t.defined() && t.layout() == at::kStrided && t.scalar_type() == like.scalar_type() &&
@@ -133,12 +105,6 @@ inline cpu::SlowStorage cpu_storage(at::ScalarType t) {
 }
 
 inline void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
-
-/// Marks an in-place write made through a raw pointer, as ATen's in-place ops do, so that
-/// autograd detects a parameter modified after it was saved for a backward.
-inline void bump_version(const at::Tensor& t) {
-  if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
-}
 
 /// Rejects a tensor listed twice among `groups` (or within one group), naming both places.
 /// torch::optim would step such a tensor twice per step; the wrapper's single-pass kernels

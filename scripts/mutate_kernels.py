@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,10 @@ MUTATIONS = [
 ]
 
 
+class NotApplied(Exception):
+    """The mutation's text does not occur exactly once in the kernel sources that hold it."""
+
+
 def read_config(build):
     path = build / "tests" / "emulator" / "mutation_build.txt"
     if not path.exists():
@@ -116,6 +121,8 @@ def build_kernels(cfg, work, cache, replace):
         cmd += ["--replace", str(old), str(new)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
+        if replace and "--replace:" in r.stderr:
+            raise NotApplied(r.stderr.strip())
         sys.exit(f"generator failed: {' '.join(cmd)}\n{r.stderr}")
     flags = ["-std=c++17", "-fPIC"] + cfg["flags"].split() + ["-I", cfg["include"]]
     objects = []
@@ -137,13 +144,23 @@ def test_cases(cfg):
     return [line.strip() for line in r.stdout.splitlines() if line.strip()]
 
 
+def test_spec(name):
+    """A Catch2 test spec that matches exactly the case `name` (',' separates specs, '[' starts
+    a tag, '*' is a wildcard, a leading '~' or '-' excludes: all escaped with a backslash)."""
+    out = "".join("\\" + c if c in ",[]*\\\"" else c for c in name)
+    return "\\" + out if out[:1] in "~-" else out
+
+
 def run_case(cfg, lib, name, timeout):
     env = dict(os.environ, SLOWED_EMU_KERNELS=str(lib))
     try:
-        r = subprocess.run([cfg["test_program"], name, "-a"], env=env, capture_output=True,
-                           text=True, timeout=timeout)
+        r = subprocess.run([cfg["test_program"], test_spec(name), "-a"], env=env,
+                           capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", ""
+    if r.returncode == 0 and not re.search(r"All tests passed \(\d+ assertions? in 1 test case\)",
+                                           r.stdout):
+        sys.exit(f"'{name}' did not run as exactly one test case:\n{r.stdout[-3000:]}")
     return ("pass" if r.returncode == 0 else "fail"), r.stdout[-3000:]
 
 
@@ -177,7 +194,12 @@ def main():
             if args.only and name not in args.only:
                 continue
             start = time.time()
-            lib = build_kernels(cfg, work, cache, (old, new))
+            try:
+                lib = build_kernels(cfg, work, cache, (old, new))
+            except NotApplied as e:
+                rows.append((name, kernel, what, "did not apply", str(e), time.time() - start))
+                print(f"{name:22s} did not apply: {e}", flush=True)
+                continue
             caught_by, status = "", "not caught"
             for case in ordered(cases, kernel):
                 result, _ = run_case(cfg, lib, case, args.timeout)

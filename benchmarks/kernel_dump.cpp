@@ -56,6 +56,8 @@ int main(int argc, char** argv) {
               << "\n";
     return 1;
   }
+  write(out + "/nvrtc.txt", "NVRTC " + slowed::cuda::nvrtc().version_string() + " (" +
+                                slowed::cuda::nvrtc().path + ")\n");
   try {
     for (const auto* s : slowed::cuda::all_kernel_sources()) {
       std::string name = s->family();

@@ -118,7 +118,8 @@ def occupancy(arch, regs, smem_static, block):
     smem = -(-(smem_static + a["reserved"]) // 128) * 128
     limits["shared memory"] = a["smem"] // smem
     which = min(limits, key=lambda k: limits[k])
-    return limits[which] * warps, which
+    resident = min(limits[which] * warps, a["threads"] // 32)
+    return resident, ("full" if resident == a["threads"] // 32 else which)
 
 
 # ---- SASS ------------------------------------------------------------------------------------
@@ -345,7 +346,8 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
     arch_args = sum((["--arch", str(a)] for a in args.arch), [])
     names = run([str(dump), "--out", str(out_dir)] + arch_args).split()
-    md = [f"Tools: NVRTC cubins and PTX from `build/benchmarks/kernel_dump`; ptxas "
+    nvrtc = (out_dir / "nvrtc.txt").read_text().strip()
+    md = [f"Tools: cubins and PTX of {nvrtc} written by `build/benchmarks/kernel_dump`; ptxas "
           f"{tool_version(ptxas)} ({ptxas}); cuobjdump {tool_version(cuobjdump)} ({cuobjdump}).",
           "",
           "| kernel | dtype | arch | registers | shared B (cubin / ptxas) | stack B | spill st/ld B "
@@ -353,7 +355,7 @@ def main():
           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     loop_rows = []
     for name in names:
-        variant = name.rsplit("_d", 1)[1] if "_d" in name else "0"
+        variant = name.rsplit("_d", 1)[1] if re.search(r"_d\d+$", name) else "-"
         for arch in args.arch:
             cubin = str(out_dir / f"{name}.sm_{arch}.cubin")
             ptx = str(out_dir / f"{name}.compute_{arch}.ptx")

@@ -13,7 +13,8 @@ reads, per kernel and architecture:
     uses, from registers, shared memory and block size (the CUDA occupancy calculator's rules:
     registers in units of 256 per warp, spread over 4 sub-partitions of 16384; 1 KiB of
     shared memory reserved per block, allocation unit 128 bytes; at most 32 blocks and 2048
-    threads per SM; sm_80 228 -> 164 KiB per SM... see ARCH below);
+    threads per SM; 228 KiB of shared memory per SM on sm_90, 164 KiB on sm_80: ARCH below),
+    cross-checked against the toolkit's cuda_occupancy.h when it and g++ are present;
   - SASS instructions per element of every loop that loads the row (cuobjdump -sass): for each
     loop (a backward branch), a path count over its body from the loop head to the back branch:
     min and max over all paths, and the "typical" path (see typical_taken); elements per
@@ -120,6 +121,57 @@ def occupancy(arch, regs, smem_static, block):
     which = min(limits, key=lambda k: limits[k])
     resident = min(limits[which] * warps, a["threads"] // 32)
     return resident, ("full" if resident == a["threads"] // 32 else which)
+
+
+OCC_CHECK = r"""
+#include <cuda_occupancy.h>
+#include <cstdio>
+int main(int argc, char** argv) {
+  // argv: arch regs smem block ... ; prints resident warps per SM for each quadruple.
+  for (int i = 1; i + 3 < argc; i += 4) {
+    const int arch = std::atoi(argv[i]), regs = std::atoi(argv[i + 1]),
+              smem = std::atoi(argv[i + 2]), block = std::atoi(argv[i + 3]);
+    cudaOccDeviceProp p;
+    p.computeMajor = arch / 10; p.computeMinor = arch % 10;
+    p.maxThreadsPerBlock = 1024; p.maxThreadsPerMultiprocessor = 2048;
+    p.regsPerBlock = 65536; p.regsPerMultiprocessor = 65536; p.warpSize = 32;
+    p.sharedMemPerBlock = 49152;
+    p.sharedMemPerMultiprocessor = arch == 80 ? 167936 : 233472;
+    p.sharedMemPerBlockOptin = arch == 80 ? 166912 : 232448;
+    p.numSms = arch == 80 ? 108 : 132; p.reservedSharedMemPerBlock = 1024;
+    cudaOccFuncAttributes f;
+    f.maxThreadsPerBlock = 1024; f.numRegs = regs; f.sharedSizeBytes = smem;
+    f.partitionedGCConfig = PARTITIONED_GC_OFF; f.shmemLimitConfig = FUNC_SHMEM_LIMIT_DEFAULT;
+    f.maxDynamicSharedSizeBytes = 0; f.numBlockBarriers = 1;
+    cudaOccDeviceState st;
+    cudaOccResult r;
+    if (cudaOccMaxActiveBlocksPerMultiprocessor(&r, &p, &f, &st, block, 0) != CUDA_OCC_SUCCESS) {
+      std::printf("error\n");
+      continue;
+    }
+    std::printf("%d\n", r.activeBlocksPerMultiprocessor * ((block + 31) / 32));
+  }
+}
+"""
+
+
+def occupancy_check(rows, work):
+    """Recomputes every occupancy with the toolkit's cuda_occupancy.h (the CUDA occupancy API's
+    host implementation); returns a note, or exits when it disagrees with occupancy()."""
+    header = pathlib.Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if not (header / "cuda_occupancy.h").exists() or not cxx:
+        return "not cross-checked (no cuda_occupancy.h or no C++ compiler)"
+    src, exe = work / "occ_check.cpp", work / "occ_check"
+    src.write_text("#include <cstdlib>\n" + OCC_CHECK)
+    run([cxx, "-std=c++17", "-I", str(header), str(src), "-o", str(exe)])
+    args = [str(x) for r in rows for x in r[:4]]
+    got = run([str(exe)] + args).split()
+    for r, g in zip(rows, got):
+        if g != str(r[4]):
+            sys.exit(f"kernel_stats: occupancy of arch {r[0]} regs {r[1]} smem {r[2]} block "
+                     f"{r[3]}: {r[4]} warps here, cuda_occupancy.h says {g}")
+    return f"all {len(rows)} values agree with {header / 'cuda_occupancy.h'}"
 
 
 # ---- SASS ------------------------------------------------------------------------------------
@@ -353,7 +405,7 @@ def main():
           "| kernel | dtype | arch | registers | shared B (cubin / ptxas) | stack B | spill st/ld B "
           "| occupancy warps/64 at block (limit) |",
           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    loop_rows = []
+    loop_rows, occ_rows = [], []
     for name in names:
         variant = name.rsplit("_d", 1)[1] if re.search(r"_d\d+$", name) else "-"
         for arch in args.arch:
@@ -373,6 +425,7 @@ def main():
                 occ = []
                 for b in blocks:
                     w, lim = occupancy(arch, r["reg"], p["smem"] if p else r["shared"], b)
+                    occ_rows.append((arch, r["reg"], p["smem"] if p else r["shared"], b, w))
                     occ.append(f"{w} at {b} ({lim})")
                 md.append(f"| {fn} | {DTYPE.get(variant, variant)} | sm_{arch} | {r['reg']} | "
                           f"{r['shared']} / {p['smem'] if p else '?'} | {r['stack']} | "
@@ -381,6 +434,7 @@ def main():
                 if fn in sass and fn.startswith("slowed_emce"):
                     loop_rows += loop_table(fn, variant, arch, sass.get(fn, []),
                                             ELEM_BYTES.get(variant, 4))
+    md += ["", "Occupancy cross-check: " + occupancy_check(occ_rows, out_dir)]
     md += ["", "Innermost loops of the loss kernels that load the row (SASS instructions per iteration over the paths "
            "of one loop version; per element = per iteration / elements per iteration):", "",
            "| kernel | dtype | arch | loop (SASS addresses) | version | loads | elements/iter "

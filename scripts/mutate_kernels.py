@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,10 @@ MUTATIONS = [
 ]
 
 
+class NotApplied(Exception):
+    """The mutation's text does not occur exactly once in the kernel sources that hold it."""
+
+
 def read_config(build):
     path = build / "tests" / "emulator" / "mutation_build.txt"
     if not path.exists():
@@ -116,6 +121,8 @@ def build_kernels(cfg, work, cache, replace):
         cmd += ["--replace", str(old), str(new)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
+        if replace and "--replace:" in r.stderr:
+            raise NotApplied(r.stderr.strip())
         sys.exit(f"generator failed: {' '.join(cmd)}\n{r.stderr}")
     flags = ["-std=c++17", "-fPIC"] + cfg["flags"].split() + ["-I", cfg["include"]]
     objects = []
@@ -132,19 +139,54 @@ def build_kernels(cfg, work, cache, replace):
 
 
 def test_cases(cfg):
+    # Catch2 v2 exits with the number of cases listed, so the exit status is not an error.
     r = subprocess.run([cfg["test_program"], "--list-test-names-only"], capture_output=True,
-                       text=True, check=True)
-    return [line.strip() for line in r.stdout.splitlines() if line.strip()]
+                       text=True)
+    names = [line.strip() for line in r.stdout.splitlines() if line.strip()]
+    if not names or r.returncode != len(names) % 256:
+        sys.exit(f"cannot list the test cases of {cfg['test_program']}:\n{r.stdout}{r.stderr}")
+    return names
+
+
+def test_spec(name):
+    """A Catch2 test spec that matches exactly the case `name` (',' separates specs, '[' starts
+    a tag, '*' is a wildcard, a leading '~' or '-' excludes: all escaped with a backslash)."""
+    out = "".join("\\" + c if c in ",[]*\\\"" else c for c in name)
+    return "\\" + out if out[:1] in "~-" else out
+
+
+def failure_of(out):
+    """How a case failed, in one short line: the emulator's or another exception's message, or
+    the failed assertion and the first message logged with it (Catch2's console report)."""
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        if not line.rstrip().endswith("FAILED:"):
+            continue
+        block = lines[i + 1:i + 40]
+        for j, l in enumerate(block):
+            if "due to unexpected exception with message" in l or "due to a fatal error" in l:
+                msg = next((m.strip() for m in block[j + 1:] if m.strip()), "")
+                return "exception: " + msg[:200]
+        check = block[0].strip() if block else ""
+        msg = next((block[j + 1].strip() for j, l in enumerate(block[:-1])
+                    if l.startswith("with message")), "")
+        return (check + (" -- " + msg if msg else ""))[:200]
+    return out.strip().splitlines()[-1][:200] if out.strip() else "(no output)"
 
 
 def run_case(cfg, lib, name, timeout):
     env = dict(os.environ, SLOWED_EMU_KERNELS=str(lib))
     try:
-        r = subprocess.run([cfg["test_program"], name, "-a"], env=env, capture_output=True,
-                           text=True, timeout=timeout)
+        r = subprocess.run([cfg["test_program"], test_spec(name), "-a"], env=env,
+                           capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", ""
-    return ("pass" if r.returncode == 0 else "fail"), r.stdout[-3000:]
+    if r.returncode != 0:
+        return "fail", failure_of(r.stdout + r.stderr)
+    if not re.search(r"All tests passed \(\d+ assertions? in 1 test case\)",
+                                           r.stdout):
+        sys.exit(f"'{name}' did not run as exactly one test case:\n{r.stdout[-3000:]}")
+    return "pass", ""
 
 
 def ordered(cases, kernel):
@@ -170,27 +212,36 @@ def main():
         for name in cases:
             status, out = run_case(cfg, lib, name, args.timeout)
             if status != "pass":
-                sys.exit(f"the unaltered kernels fail '{name}' ({status}):\n{out}")
+                sys.exit(f"the unaltered kernels fail '{name}' ({status}): {out}")
         print(f"unaltered kernels: all {len(cases)} test cases pass", flush=True)
         rows = []
         for name, kernel, what, old, new in MUTATIONS:
             if args.only and name not in args.only:
                 continue
             start = time.time()
-            lib = build_kernels(cfg, work, cache, (old, new))
-            caught_by, status = "", "not caught"
+            try:
+                lib = build_kernels(cfg, work, cache, (old, new))
+            except NotApplied as e:
+                rows.append((name, kernel, what, "did not apply", "", str(e), time.time() - start))
+                print(f"{name:22s} did not apply: {e}", flush=True)
+                continue
+            caught_by, status, how = "", "not caught", ""
             for case in ordered(cases, kernel):
-                result, _ = run_case(cfg, lib, case, args.timeout)
+                result, how = run_case(cfg, lib, case, args.timeout)
                 if result != "pass":
                     caught_by, status = case, ("caught" if result == "fail" else "caught (timeout)")
                     break
             secs = time.time() - start
-            rows.append((name, kernel, what, status, caught_by, secs))
-            print(f"{name:22s} {status:16s} {secs:6.1f} s  {caught_by}", flush=True)
-    table = ["| mutation | kernel | injected bug | result | first failing test case | s |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for name, kernel, what, status, caught_by, secs in rows:
-        table.append(f"| {name} | {kernel} | {what} | {status} | {caught_by} | {secs:.0f} |")
+            rows.append((name, kernel, what, status, caught_by, how, secs))
+            print(f"{name:22s} {status:16s} {secs:6.1f} s  {caught_by}\n{'':24s}{how}", flush=True)
+    table = ["| mutation | kernel | injected bug | result | first failing test case | how it failed | s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    cell = lambda t: t.replace("|", "\\|")
+    for name, kernel, what, status, caught_by, how, secs in rows:
+        table.append(f"| {name} | {kernel} | {cell(what)} | {status} | {cell(caught_by)} | "
+                     f"`{how.replace('`', '')}` | {secs:.1f} |" if how else
+                     f"| {name} | {kernel} | {cell(what)} | {status} | {cell(caught_by)} |  | "
+                     f"{secs:.1f} |")
     text = "\n".join(table) + "\n"
     print(text)
     if args.markdown:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-call GPU check for a short device lease (../shared/guide/device.md): configure and build
-# with ninja, run the CUDA tests (fused kernels on), compute-sanitizer memcheck over them, the
+# with ninja, run the CUDA tests (fused kernels on), compute-sanitizer memcheck and racecheck over them, the
 # benchmarks and the anchor harness; logs and JSON go to $OUT (default ./out).
 #   usage: scripts/gpu_check.sh [quick]      (quick: tests + one benchmark shape, no sanitizer)
 set -uo pipefail
@@ -32,6 +32,14 @@ if [[ "$mode" != quick ]] && command -v compute-sanitizer >/dev/null; then
     log "compute-sanitizer memcheck $t [cuda]"
     compute-sanitizer --tool memcheck --error-exitcode 3 "$build/tests/$t" "[cuda]" > "$out/memcheck_$t.log" 2>&1
     log "memcheck $t: rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck_$t.log" | tail -1)"
+  done
+  # racecheck (shared-memory hazards) is far slower than memcheck: the kernels with shared
+  # memory, each bounded so the call keeps its time budget (rc 124 = stopped by the bound).
+  for t in test_loss test_optim_fused test_cuda_runtime; do
+    log "compute-sanitizer racecheck $t [cuda]"
+    timeout 120 compute-sanitizer --tool racecheck --error-exitcode 3 "$build/tests/$t" "[cuda]" \
+      > "$out/racecheck_$t.log" 2>&1
+    log "racecheck $t: rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$out/racecheck_$t.log" | tail -1)"
   done
 fi
 

@@ -456,9 +456,12 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
       r.train_seconds = seconds_since(t0);
       evaluate(*lm, sets, cfg, r);
       check_interrupted(cfg);
-      if (cfg.checkpoints) save_checkpoint(cfg, mode, epoch, *lm, opt);
+      // Reports first, then the checkpoint: a kill between the two leaves the previous epoch's
+      // checkpoint, so --resume redoes this epoch and rewrites the same record (training and
+      // evaluation are deterministic). The other order would lose this epoch's record.
       put_record(records, r);
       write_reports(cfg.out_dir, records);
+      if (cfg.checkpoints) save_checkpoint(cfg, mode, epoch, *lm, opt);
     }
   }
   write_reports(cfg.out_dir, records);

@@ -42,6 +42,8 @@ void usage() {
       "  --micro-batch N       sequences per forward/backward, gradients accumulated; 0 = --batch\n"
       "                        (default 4)\n"
       "  --precision P         fp32, or bf16 autocast with fp32 master weights (default bf16)\n"
+      "  --loss L              fused-linear: LM head fused with the loss, no [N, V] logits in\n"
+      "                        training; logits: LM head then loss (default fused-linear)\n"
       "  --train-embeddings    also train the input embedding and the LM head (frozen by default,\n"
       "                        as LoRA leaves them)\n"
       "  --lr X  --weight-decay X   AdamW (default 5e-5, 0.05)\n"
@@ -139,6 +141,7 @@ RunConfig parse(int argc, char** argv) {
       {"--batch", [&](const std::string& v) { c.batch_size = number<int64_t>("--batch", v); }},
       {"--micro-batch", [&](const std::string& v) { c.micro_batch = number<int64_t>("--micro-batch", v); }},
       {"--precision", [&](const std::string& v) { c.precision = v; }},
+      {"--loss", [&](const std::string& v) { c.loss = v; }},
       {"--lr", [&](const std::string& v) { c.lr = number<double>("--lr", v); }},
       {"--weight-decay", [&](const std::string& v) { c.weight_decay = number<double>("--weight-decay", v); }},
       {"--slow-scale", [&](const std::string& v) { c.slow_scale = number<double>("--slow-scale", v); }},

@@ -19,7 +19,7 @@ struct RunConfig {
   std::string out_dir = "out/slowed_distill";
   std::vector<std::string> modes = {"base", "sft", "slowed"};
   int epochs = 1;
-  int64_t batch_size = 16;      ///< sequences per optimizer step
+  int64_t batch_size = 8;       ///< sequences per optimizer step (quick: 14 steps of 8 per mode)
   int64_t micro_batch = 4;      ///< sequences per forward/backward (gradients accumulated); 0 = batch
   std::string precision = "bf16";  ///< fp32, or bf16 autocast with fp32 master weights
   /// fused-linear: the LM head fused with the loss (slowed::EntropyMaskedLinearCrossEntropy), the
@@ -30,8 +30,8 @@ struct RunConfig {
   double weight_decay = 0.05;
   double slow_scale = 0.1;      ///< Slow Tuning step scale (modes slow, slowed)
   double lem_threshold = 0.3;   ///< Low-Entropy Masking threshold in nats (modes lem, slowed)
-  int64_t max_len = 224;        ///< training sequence length (tokens)
-  int64_t train_per_task = 3;   ///< BBH training examples per task (-1: all)
+  int64_t max_len = 256;        ///< training sequence length (tokens); longer examples are skipped
+  int64_t train_per_task = 12;  ///< BBH training examples per task (-1: all); quick: 107 of 324 fit max_len
   int64_t test_per_task = 1;    ///< BBH test examples per task (-1: all)
   std::vector<std::string> tasks;  ///< BBH tasks (empty: all 27)
   int64_t ood_limit = 0;        ///< ARC-E, ARC-C and AGIEval items each (-1: all)

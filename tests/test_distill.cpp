@@ -218,3 +218,178 @@ TEST_CASE("out-of-domain sets and AdvBench load with their gold answers", "[cpu]
   CHECK(load_advbench(SLOWED_TEST_DATA_DIR, 5, 1).size() == 5);
   CHECK_THROWS_WITH(check_data_dir("/nonexistent"), Catch::Contains("/nonexistent/bbh"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The training step: fused linear loss against LM head + loss on logits.
+
+#include "common/model.h"
+#include "slowed_distill/lm.h"
+#include "slowed_distill/run.h"
+
+namespace {
+
+namespace ex = slowed_examples;
+
+/// A tiny Llama-style student behind the LanguageModel interface (no tokenizer needed).
+class TinyLM final : public LanguageModel {
+ public:
+  TinyLM(bool tied, uint64_t seed) {
+    ex::ModelConfig c;
+    c.architecture = "llama";
+    c.vocab_size = 301;
+    c.hidden_size = 32;
+    c.num_layers = 2;
+    c.num_heads = 4;
+    c.num_kv_heads = 2;
+    c.head_dim = 8;
+    c.intermediate_size = 64;
+    c.tie_word_embeddings = tied;
+    torch::manual_seed(seed);
+    model_ = ex::make_causal_lm(c);
+    torch::NoGradGuard no_grad;
+    // Large enough weights that the next-token entropies spread out (some below 1 nat).
+    for (auto& p : model_->parameters())
+      if (p.dim() >= 2) p.normal_(0.0, 0.3);
+  }
+  torch::Tensor forward(const torch::Tensor& ids) override { return model_->forward(ids); }
+  torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& positions) override {
+    ex::ForwardOptions o;
+    o.output_positions = positions;
+    return model_->forward(ids, o);
+  }
+  torch::Tensor forward_hidden(const torch::Tensor& ids, const torch::Tensor& positions) override {
+    ex::ForwardOptions o;
+    o.output_positions = positions;
+    return model_->forward_hidden(ids, o);
+  }
+  torch::Tensor head_weight() override { return model_->output_embeddings(); }
+  std::vector<torch::Tensor> parameters() override { return model_->parameters(); }
+  void freeze_embeddings() override {
+    model_->input_embeddings().set_requires_grad(false);
+    model_->output_embeddings().set_requires_grad(false);
+  }
+  torch::Device device() const override { return torch::kCPU; }
+  int64_t pad_id() const override { return 0; }
+  TrainSequence encode_example(const std::string&, const std::string&, int64_t) const override { return {}; }
+  std::vector<std::string> generate(const std::vector<std::string>&, int64_t, int64_t) override { return {}; }
+  void save(torch::serialize::OutputArchive&) const override {}
+  void load(torch::serialize::InputArchive&) override {}
+  void train(bool on) override { model_->train(on); }
+
+ private:
+  std::shared_ptr<ex::CausalLM> model_;
+};
+
+/// Six sequences of different lengths (prompt 3-6 tokens, response 5-14), ids in [1, 300].
+std::vector<TrainSequence> tiny_batch() {
+  std::vector<TrainSequence> out;
+  torch::manual_seed(7);
+  for (int i = 0; i < 6; ++i) {
+    TrainSequence s;
+    s.prompt_len = 3 + i % 4;
+    const int64_t len = s.prompt_len + 5 + (i * 5) % 10;
+    auto t = torch::randint(1, 301, {len}, torch::kLong);
+    for (int64_t k = 0; k < len; ++k) s.ids.push_back(t[k].item<int64_t>());
+    out.push_back(s);
+  }
+  return out;
+}
+
+struct StepResult {
+  double loss_sum = 0;
+  int64_t n_valid = 0, n_kept = 0;
+  std::vector<torch::Tensor> grads;  // normalized by n_kept, as run() does before opt.step()
+};
+
+/// One training step as run() makes it: micro-batches of 2, summed losses, gradients divided by
+/// the batch's kept count.
+StepResult step(TinyLM& lm, bool lem, double threshold, const std::string& path, const std::string& precision) {
+  for (auto& p : lm.parameters()) p.mutable_grad() = torch::Tensor();
+  const auto batch = tiny_batch();
+  StepResult r;
+  for (size_t m = 0; m < batch.size(); m += 2) {
+    const std::vector<TrainSequence> part(batch.begin() + static_cast<long>(m),
+                                          batch.begin() + static_cast<long>(m + 2));
+    const MicroBatchLoss mb = accumulate_micro_batch(lm, part, lem, threshold, path, precision);
+    r.loss_sum += mb.loss_sum;
+    r.n_valid += mb.n_valid;
+    r.n_kept += mb.n_kept;
+  }
+  for (auto& p : lm.parameters())
+    r.grads.push_back(p.grad().defined() ? p.grad() / static_cast<double>(r.n_kept) : torch::Tensor());
+  return r;
+}
+
+double max_rel_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item<double>();
+}
+
+}  // namespace
+
+TEST_CASE("a training step through the fused linear loss equals the logits path", "[cpu]") {
+  // fp32: loss and every gradient to 1e-5 relative (max |diff| / max |ref| per tensor); bf16
+  // autocast: 2e-2 (both paths round the head's GEMMs to bf16, in different chunkings).
+  struct Case {
+    bool tied, frozen, lem;
+    std::string precision;
+  };
+  const std::vector<Case> cases = {
+      {false, true, false, "fp32"}, {false, true, true, "fp32"}, {false, false, false, "fp32"},
+      {false, false, true, "fp32"}, {true, false, true, "fp32"}, {true, false, false, "fp32"},
+      {false, true, false, "bf16"}, {false, true, true, "bf16"}};
+  for (const auto& c : cases) {
+    CAPTURE(c.tied, c.frozen, c.lem, c.precision);
+    TinyLM lm(c.tied, 11);
+    if (c.frozen) lm.freeze_embeddings();
+    // A threshold that masks part of the response tokens: the median entropy of the logits.
+    double threshold = 0.3;
+    if (c.lem) {
+      torch::NoGradGuard no_grad;
+      std::vector<double> hs;
+      for (const auto& s : tiny_batch()) {
+        auto ids = torch::tensor(s.ids, torch::kLong).unsqueeze(0);
+        auto lp = torch::log_softmax(lm.forward(ids).squeeze(0).narrow(0, s.prompt_len - 1,
+                                                                      static_cast<int64_t>(s.ids.size()) - s.prompt_len), -1);
+        auto h = -(lp.exp() * lp).sum(-1);
+        for (int64_t k = 0; k < h.size(0); ++k) hs.push_back(h[k].item<double>());
+      }
+      std::sort(hs.begin(), hs.end());
+      threshold = 0.5 * (hs[hs.size() / 2 - 1] + hs[hs.size() / 2]);
+    }
+    const StepResult ref = step(lm, c.lem, threshold, "logits", c.precision);
+    const StepResult fused = step(lm, c.lem, threshold, "fused-linear", c.precision);
+    const double tol = c.precision == "fp32" ? 1e-5 : 2e-2;
+    CHECK(fused.n_valid == ref.n_valid);
+    CHECK(fused.n_kept == ref.n_kept);
+    if (c.lem && c.precision == "fp32") {
+      CHECK(ref.n_kept < ref.n_valid);
+      CHECK(ref.n_kept > 0);
+    } else if (!c.lem) {
+      CHECK(ref.n_kept == ref.n_valid);
+    }
+    CHECK(std::abs(fused.loss_sum - ref.loss_sum) <= tol * std::abs(ref.loss_sum));
+    REQUIRE(fused.grads.size() == ref.grads.size());
+    int64_t compared = 0;
+    for (size_t i = 0; i < ref.grads.size(); ++i) {
+      CHECK(fused.grads[i].defined() == ref.grads[i].defined());
+      if (!ref.grads[i].defined() || !fused.grads[i].defined()) continue;
+      CAPTURE(i);
+      CHECK(max_rel_diff(fused.grads[i], ref.grads[i]) <= tol);
+      ++compared;
+    }
+    CHECK(compared >= 10);
+  }
+}
+
+TEST_CASE("the training step rejects an unknown loss path or precision", "[cpu]") {
+  TinyLM lm(false, 3);
+  const auto batch = tiny_batch();
+  CHECK_THROWS_AS(accumulate_micro_batch(lm, batch, false, 0.3, "chunked", "fp32"), c10::Error);
+  CHECK_THROWS_WITH(accumulate_micro_batch(lm, batch, false, 0.3, "chunked", "fp32"),
+                    Catch::Contains("--loss") && Catch::Contains("fused-linear or logits") &&
+                        Catch::Contains("'chunked'"));
+  CHECK_THROWS_WITH(accumulate_micro_batch(lm, batch, false, 0.3, "logits", "fp16"),
+                    Catch::Contains("--precision") && Catch::Contains("'fp16'"));
+  CHECK_THROWS_WITH(accumulate_micro_batch(lm, {}, false, 0.3, "logits", "fp32"),
+                    Catch::Contains("at least one sequence"));
+}

@@ -150,9 +150,18 @@ class CausalLM : public torch::nn::Module {
     o.attention_mask = attention_mask;
     return forward(input_ids, o);
   }
+  /// The hidden states after the final norm, the LM head's input: [B, T, H] (the last
+  /// options.logits_to_keep positions when set), or [N, H] at options.output_positions.
+  /// forward() is the LM head applied to this: linear(forward_hidden(ids, o), output_embeddings()).
+  /// Training with a fused linear loss (slowed::EntropyMaskedLinearCrossEntropy) takes this and
+  /// output_embeddings() so that the [N, V] logits never exist.
+  virtual torch::Tensor forward_hidden(const torch::Tensor& input_ids, const ForwardOptions& options) = 0;
   const ModelConfig& config() const { return config_; }
   /// The token embedding matrix [V, H] (also the LM head when tied).
   virtual torch::Tensor input_embeddings() const = 0;
+  /// The LM head's weight [V, H]: lm_head.weight, or the token embedding when tied. No model
+  /// here has a head bias.
+  virtual torch::Tensor output_embeddings() const = 0;
 
  protected:
   ModelConfig config_;

@@ -127,8 +127,13 @@ class BloomForCausalLM : public CausalLM {
 
   using CausalLM::forward;
   torch::Tensor input_embeddings() const override { return transformer->word_embeddings->weight; }
+  torch::Tensor output_embeddings() const override { return transformer->word_embeddings->weight; }
 
   torch::Tensor forward(const torch::Tensor& input_ids, const ForwardOptions& options) override {
+    return F::linear(forward_hidden(input_ids, options), transformer->word_embeddings->weight);
+  }
+
+  torch::Tensor forward_hidden(const torch::Tensor& input_ids, const ForwardOptions& options) override {
     AttentionInputs in = prepare_attention(input_ids, options, config_, config_.num_layers,
                                            /*need_positions=*/false);
     auto h = transformer->word_embeddings_layernorm(transformer->word_embeddings(in.ids));
@@ -165,8 +170,7 @@ class BloomForCausalLM : public CausalLM {
     for (const auto& block : *transformer->h)
       h = block->as<BloomBlockImpl>()->forward(h, bias, in, options.cache, i++);
     if (options.cache != nullptr) options.cache->commit(in.key_len);
-    h = transformer->ln_f(output_hidden(h, options));
-    return F::linear(h, transformer->word_embeddings->weight);
+    return transformer->ln_f(output_hidden(h, options));
   }
 
   BloomModel transformer{nullptr};

@@ -317,8 +317,16 @@ class LlamaForCausalLM : public CausalLM {
 
   using CausalLM::forward;
   torch::Tensor input_embeddings() const override { return model->embed_tokens->weight; }
+  torch::Tensor output_embeddings() const override {
+    return lm_head ? lm_head->weight : model->embed_tokens->weight;
+  }
 
   torch::Tensor forward(const torch::Tensor& input_ids, const ForwardOptions& options) override {
+    auto h = forward_hidden(input_ids, options);
+    return lm_head ? lm_head(h) : F::linear(h, model->embed_tokens->weight);
+  }
+
+  torch::Tensor forward_hidden(const torch::Tensor& input_ids, const ForwardOptions& options) override {
     AttentionInputs in = prepare_attention(input_ids, options, config_,
                                            config_.num_layers, /*need_positions=*/true);
     auto h = model->embed_tokens(in.ids);  // [B, T, H]
@@ -333,8 +341,7 @@ class LlamaForCausalLM : public CausalLM {
       h = layer->as<LlamaDecoderLayerImpl>()->forward(h, cos, sin, in, options.cache, i++);
     }
     if (options.cache != nullptr) options.cache->commit(in.key_len);
-    h = model->norm(output_hidden(h, options));
-    return lm_head ? lm_head(h) : F::linear(h, model->embed_tokens->weight);
+    return model->norm(output_hidden(h, options));
   }
 
   LlamaModel model{nullptr};

@@ -42,6 +42,12 @@ class StudentLM final : public LanguageModel {
     o.output_positions = positions;
     return model_->forward(ids, o);
   }
+  torch::Tensor forward_hidden(const torch::Tensor& ids, const torch::Tensor& positions) override {
+    ex::ForwardOptions o;
+    o.output_positions = positions;
+    return model_->forward_hidden(ids, o);
+  }
+  torch::Tensor head_weight() override { return model_->output_embeddings(); }
   std::vector<torch::Tensor> parameters() override { return model_->parameters(); }
   void freeze_embeddings() override {
     for (auto& p : model_->named_parameters())

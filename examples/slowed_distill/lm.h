@@ -29,6 +29,11 @@ class LanguageModel {
   /// Logits [N, V] at the flat positions `positions` (int64 [N], b * T + t) only: the LM head
   /// skips every other position (training needs the response positions only).
   virtual torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& positions) = 0;
+  /// The LM head's input at the same positions: the final-norm hidden states [N, D]. With
+  /// head_weight() it feeds a fused linear loss, so training never materializes the logits.
+  virtual torch::Tensor forward_hidden(const torch::Tensor& ids, const torch::Tensor& positions) = 0;
+  /// The LM head's weight [V, D] (the input embedding when tied); the head has no bias.
+  virtual torch::Tensor head_weight() = 0;
   virtual std::vector<torch::Tensor> parameters() = 0;
   /// Stops training the input embedding and the LM head (requires_grad false), as LoRA-style
   /// fine-tuning leaves them; the transformer blocks and norms stay trainable.

@@ -38,18 +38,20 @@ void usage() {
       "  --out DIR             output folder (default out/slowed_distill)\n"
       "  --modes LIST          comma list of base,sft,slow,lem,slowed (default base,sft,slowed)\n"
       "  --epochs N            training epochs (default 1)\n"
-      "  --batch N             sequences per optimizer step (default 16)\n"
+      "  --batch N             sequences per optimizer step (default 8)\n"
       "  --micro-batch N       sequences per forward/backward, gradients accumulated; 0 = --batch\n"
       "                        (default 4)\n"
       "  --precision P         fp32, or bf16 autocast with fp32 master weights (default bf16)\n"
+      "  --loss L              fused-linear: LM head fused with the loss, no [N, V] logits in\n"
+      "                        training; logits: LM head then loss (default fused-linear)\n"
       "  --train-embeddings    also train the input embedding and the LM head (frozen by default,\n"
       "                        as LoRA leaves them)\n"
       "  --lr X  --weight-decay X   AdamW (default 5e-5, 0.05)\n"
       "  --slow-scale S        Slow Tuning step scale for slow/slowed (default 0.1)\n"
       "  --lem-threshold H     Low-Entropy Masking threshold in nats for lem/slowed (default 0.3)\n"
       "  --max-len N           training sequence length in tokens; longer examples\n"
-      "                        are skipped (default 224)\n"
-      "  --train-per-task N  --test-per-task N   BBH examples per task, -1 = all (default 3, 1)\n"
+      "                        are skipped (default 256)\n"
+      "  --train-per-task N  --test-per-task N   BBH examples per task, -1 = all (default 12, 1)\n"
       "  --tasks LIST          comma list of BBH tasks (default: all 27)\n"
       "  --ood N               ARC-E, ARC-C and AGIEval items each, -1 = all (default 0)\n"
       "  --advbench N          AdvBench goals, -1 = all 520 (default 100)\n"
@@ -139,6 +141,7 @@ RunConfig parse(int argc, char** argv) {
       {"--batch", [&](const std::string& v) { c.batch_size = number<int64_t>("--batch", v); }},
       {"--micro-batch", [&](const std::string& v) { c.micro_batch = number<int64_t>("--micro-batch", v); }},
       {"--precision", [&](const std::string& v) { c.precision = v; }},
+      {"--loss", [&](const std::string& v) { c.loss = v; }},
       {"--lr", [&](const std::string& v) { c.lr = number<double>("--lr", v); }},
       {"--weight-decay", [&](const std::string& v) { c.weight_decay = number<double>("--weight-decay", v); }},
       {"--slow-scale", [&](const std::string& v) { c.slow_scale = number<double>("--slow-scale", v); }},

@@ -283,6 +283,68 @@ void check_interrupted(const RunConfig& cfg) {
 
 }  // namespace
 
+MicroBatchLoss accumulate_micro_batch(LanguageModel& lm, const std::vector<TrainSequence>& part, bool lem,
+                                      double lem_threshold, const std::string& loss_path,
+                                      const std::string& precision) {
+  TORCH_CHECK(loss_path == "fused-linear" || loss_path == "logits",
+              "--loss: expected fused-linear or logits, got '", loss_path, "'");
+  TORCH_CHECK(precision == "fp32" || precision == "bf16", "--precision: expected fp32 or bf16, got '",
+              precision, "'");
+  TORCH_CHECK(!part.empty(), "accumulate_micro_batch: expected at least one sequence, got none");
+  const torch::Device device = lm.device();
+  auto [ids, labels] = make_batch(part, lm.pad_id(), device);
+  auto inputs = ids.narrow(1, 0, ids.size(1) - 1);
+  auto targets = labels.narrow(1, 1, labels.size(1) - 1).reshape({-1});
+  auto positions = (targets != -100).nonzero().reshape({-1});
+  targets = targets.index_select(0, positions);
+  MicroBatchLoss r;
+  r.n_valid = targets.size(0);
+  torch::Tensor loss;
+  if (loss_path == "fused-linear") {
+    // The LM head fused with the loss: hidden [N, D] and the head weight [V, D] go in, the [N, V]
+    // logits exist one chunk at a time. sft is the same loss with a threshold no entropy is below
+    // (H >= 0), so every response token is kept: plain cross-entropy. Under bf16 both operands are
+    // cast to bf16, as autocast casts them for the LM head of the logits path; the loss itself is
+    // fp32 either way.
+    torch::Tensor hidden;
+    {
+      AutocastScope autocast(device, precision);
+      hidden = lm.forward_hidden(inputs, positions);  // [N, D], response positions only
+    }
+    const auto dtype = precision == "bf16" ? torch::kBFloat16 : torch::kFloat;
+    hidden = hidden.to(dtype);
+    const torch::Tensor weight = lm.head_weight().to(dtype);
+    slowed::EntropyMaskedLinearCrossEntropy fused(slowed::EntropyMaskedLinearCrossEntropyOptions(
+        slowed::EntropyMaskedCrossEntropyOptions()
+            .entropy_threshold(lem ? lem_threshold : -1.0)
+            .reduction(slowed::Reduction::Sum)));
+    loss = fused(hidden, weight, targets);
+    r.n_kept = lem ? fused.last_stats().num_kept.item<int64_t>() : r.n_valid;
+  } else {
+    torch::Tensor logits;
+    {
+      AutocastScope autocast(device, precision);
+      logits = lm.forward(inputs, positions);  // [N, V], response positions only
+    }
+    logits = logits.to(torch::kFloat);
+    if (lem) {
+      slowed::EntropyMaskedCrossEntropy masked(slowed::EntropyMaskedCrossEntropyOptions()
+                                                   .entropy_threshold(lem_threshold)
+                                                   .reduction(slowed::Reduction::Sum)
+                                                   .inplace_backward(true));
+      loss = masked(logits, targets);
+      r.n_kept = masked.last_stats().num_kept.item<int64_t>();
+    } else {
+      loss = torch::nn::functional::cross_entropy(
+          logits, targets, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+      r.n_kept = r.n_valid;
+    }
+  }
+  loss.backward();
+  r.loss_sum = loss.item<double>();
+  return r;
+}
+
 bool is_known_mode(const std::string& m) {
   return m == "base" || m == "sft" || m == "slow" || m == "lem" || m == "slowed";
 }
@@ -295,6 +357,8 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
   TORCH_CHECK(cfg.micro_batch >= 0, "--micro-batch: expected >= 0 (0 = the whole batch), got ", cfg.micro_batch);
   TORCH_CHECK(cfg.precision == "fp32" || cfg.precision == "bf16", "--precision: expected fp32 or bf16, got '",
               cfg.precision, "'");
+  TORCH_CHECK(cfg.loss == "fused-linear" || cfg.loss == "logits", "--loss: expected fused-linear or logits, got '",
+              cfg.loss, "'");
   TORCH_CHECK(cfg.eval_batch >= 1, "--eval-batch: expected >= 1, got ", cfg.eval_batch);
   check_data_dir(cfg.data_dir);
   TORCH_CHECK(file_exists(cfg.model_path), "--model: ", cfg.model_path,
@@ -353,11 +417,6 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
     // Every mode uses the same wrapper; scale 1 without bounds is AdamW bitwise (tested).
     Optimizer opt(trainable, torch::optim::AdamWOptions(cfg.lr).weight_decay(cfg.weight_decay),
                   slowed::SlowTuningOptions().scale(slow ? cfg.slow_scale : 1.0));
-    // Sum over the kept tokens of each micro-batch; the step divides by the batch's total.
-    slowed::EntropyMaskedCrossEntropy masked(slowed::EntropyMaskedCrossEntropyOptions()
-                                                 .entropy_threshold(cfg.lem_threshold)
-                                                 .reduction(slowed::Reduction::Sum)
-                                                 .inplace_backward(true));
     int start = 1;
     if (cfg.resume && file_exists(checkpoint_path(cfg, mode))) {
       start = load_checkpoint(cfg, mode, *lm, opt) + 1;
@@ -406,29 +465,11 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
         for (size_t m = 0; m < batch.size(); m += static_cast<size_t>(micro)) {
           const std::vector<TrainSequence> part(batch.begin() + static_cast<long>(m),
                                                 batch.begin() + static_cast<long>(std::min(batch.size(), m + micro)));
-          auto [ids, labels] = make_batch(part, lm->pad_id(), device);
-          auto inputs = ids.narrow(1, 0, ids.size(1) - 1);
-          auto targets = labels.narrow(1, 1, labels.size(1) - 1).reshape({-1});
-          auto positions = (targets != -100).nonzero().reshape({-1});
-          targets = targets.index_select(0, positions);
-          torch::Tensor logits;
-          {
-            AutocastScope autocast(device, cfg.precision);
-            logits = lm->forward(inputs, positions);  // [N, V], response positions only
-          }
-          logits = logits.to(torch::kFloat);
-          torch::Tensor loss;
-          if (lem) {
-            loss = masked(logits, targets);
-            n_kept += masked.last_stats().num_kept.item<int64_t>();
-          } else {
-            loss = torch::nn::functional::cross_entropy(
-                logits, targets, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-            n_kept += targets.size(0);
-          }
-          n_valid += targets.size(0);
-          loss.backward();
-          loss_sum += loss.item<double>();
+          const MicroBatchLoss mb =
+              accumulate_micro_batch(*lm, part, lem, cfg.lem_threshold, cfg.loss, cfg.precision);
+          loss_sum += mb.loss_sum;
+          n_valid += mb.n_valid;
+          n_kept += mb.n_kept;
           check_interrupted(cfg);
         }
         {

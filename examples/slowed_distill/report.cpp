@@ -140,8 +140,11 @@ void write_file_atomically(const std::string& path, const std::string& text) {
 void commit_file(const std::string& tmp, const std::string& path) {
   // The data reach the disk before the rename can: a crash leaves the old file or the new one.
   const int fd = ::open(tmp.c_str(), O_RDONLY);
-  TORCH_CHECK(fd >= 0 && ::fsync(fd) == 0, "cannot sync ", tmp, ": ", std::strerror(errno));
-  ::close(fd);
+  TORCH_CHECK(fd >= 0, "cannot open ", tmp, " to sync it: ", std::strerror(errno));
+  const bool synced = ::fsync(fd) == 0;
+  const int sync_errno = errno;
+  ::close(fd);  // also when the sync failed: no descriptor is leaked by the error
+  TORCH_CHECK(synced, "cannot sync ", tmp, ": ", std::strerror(sync_errno));
   TORCH_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, "cannot rename ", tmp, " to ", path, ": ",
               std::strerror(errno));
   // And the rename itself (the folder's entry) is made durable.

@@ -141,6 +141,13 @@ TEST_CASE("json parses objects, arrays, escapes and numbers", "[cpu]") {
   CHECK(v.items()[0].first == "a");
   CHECK(v.get_int("missing", 7) == 7);
   CHECK(json::parse(v.dump()).dump() == v.dump());
+  // Found by fuzz_json: -0.0 (here from an underflowing exponent) dumped as "-0", which reads
+  // back as the integer 0; 1e400 (inf) dumped as "inf", which is no JSON.
+  const json::Value z = json::parse("[-2.5E-3922337207, 1e400, -1e400, 3.0, 1e300]");
+  CHECK(z.dump() == "[-0.0,1e999,-1e999,3.0,1.0000000000000001e+300]");
+  CHECK(json::parse(z.dump()).dump() == z.dump());
+  CHECK(std::signbit(json::parse(z.dump())[0].as_double()));
+  CHECK(!json::parse(z.dump())[0].is_int());
 }
 
 TEST_CASE("json errors name the source and the byte offset", "[cpu]") {

@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -201,9 +202,19 @@ void Value::dump_to(std::string& out) const {
       if (is_int_) {
         out += std::to_string(int_);
       } else {
-        char buf[32];
-        std::snprintf(buf, sizeof buf, "%.17g", number_);
-        out += buf;
+        // Valid JSON that reads back as the same double: a fraction or exponent keeps it a
+        // non-integer (-0.0 was "-0", which reads back as the integer 0), and a number too
+        // large for a double (parsed as +-inf) is written as one that overflows again.
+        if (std::isnan(number_)) {
+          out += "null";
+        } else if (std::isinf(number_)) {
+          out += number_ < 0 ? "-1e999" : "1e999";
+        } else {
+          char buf[40];
+          std::snprintf(buf, sizeof buf, "%.17g", number_);
+          out += buf;
+          if (std::strpbrk(buf, ".eE") == nullptr) out += ".0";
+        }
       }
       break;
     }

@@ -6,6 +6,7 @@ GGUF files (a llama and a bloom whose metadata and tensor shapes agree, one tens
 supported quantization type, a byte-level BPE tokenizer, every metadata value type), safetensors
 files, JSON texts, HF config.json files and tokenizer.json files. Rerun after changing it:
     python3 tests/fuzz/make_seeds.py
+Files named regress_* are inputs the fuzzers found (kept by hand, not written here).
 """
 import json
 import os

@@ -17,6 +17,25 @@ export CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-1}"
 # PCH and ccache work together only when ccache may ignore the PCH's timestamp.
 export CCACHE_SLOPPINESS="${CCACHE_SLOPPINESS:-pch_defines,time_macros,include_file_mtime,include_file_ctime}"
 
+# The data folder for the tests: SLOWED_DATA_DIR, else ../shared/data (mirrored into the cache
+# when its copy there is missing or differs, checked against scripts/data.sha256), else that
+# cached copy, so that a clone at another path (CI's clean clone) still runs the data tests.
+data_dir="${SLOWED_DATA_DIR:-}"
+if [[ -z "$data_dir" ]]; then
+  shared_data="$root/../shared/data"
+  cached_data="$cache_dir/data"
+  data_ok() { [[ -d "$1/bbh" ]] && (cd "$1" && sha256sum --quiet -c "$root/scripts/data.sha256" >/dev/null 2>&1); }
+  if [[ -d "$shared_data/bbh" ]]; then
+    # CMake's default already points there (data_dir stays empty: no -D, so no rebuild).
+    if ! data_ok "$cached_data" && data_ok "$shared_data"; then
+      rm -rf "$cached_data.tmp" && cp -a "$shared_data/." "$cached_data.tmp" &&
+        rm -rf "$cached_data" && mv "$cached_data.tmp" "$cached_data"
+    fi
+  elif data_ok "$cached_data"; then
+    data_dir="$cached_data"
+  fi
+fi
+
 # slowed_configure_and_build [build targets...]
 slowed_configure_and_build() {
   cmake -S "$root" -B "$build" -G Ninja \
@@ -24,7 +43,8 @@ slowed_configure_and_build() {
     -DCMAKE_PREFIX_PATH="$torch_cmake" \
     -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
     -DSLOWED_PYTHON="${SLOWED_VENV:-$cache_dir/venv}/bin/python" \
-    -DSLOWED_MODELS_DIR="$cache_dir/models" >/dev/null
+    -DSLOWED_MODELS_DIR="$cache_dir/models" \
+    ${data_dir:+-DSLOWED_DATA_DIR="$data_dir"} >/dev/null
   local targets=()
   (($#)) && targets=(--target "$@")
   cmake --build "$build" -j "$jobs" "${targets[@]}"

@@ -223,6 +223,7 @@ TEST_CASE("out-of-domain sets and AdvBench load with their gold answers", "[cpu]
 // The training step: fused linear loss against LM head + loss on logits.
 
 #include "common/model.h"
+#include "slowed_distill/causal_lm_student.h"
 #include "slowed_distill/lm.h"
 #include "slowed_distill/run.h"
 
@@ -230,54 +231,37 @@ namespace {
 
 namespace ex = slowed_examples;
 
-/// A tiny Llama-style student behind the LanguageModel interface (no tokenizer needed).
-class TinyLM final : public LanguageModel {
+/// A tiny random Llama-style model.
+std::shared_ptr<ex::CausalLM> tiny_llama(bool tied, uint64_t seed) {
+  ex::ModelConfig c;
+  c.architecture = "llama";
+  c.vocab_size = 301;
+  c.hidden_size = 32;
+  c.num_layers = 2;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 8;
+  c.intermediate_size = 64;
+  c.tie_word_embeddings = tied;
+  torch::manual_seed(seed);
+  auto model = ex::make_causal_lm(c);
+  torch::NoGradGuard no_grad;
+  // Large enough weights that the next-token entropies spread out (some below 1 nat).
+  for (auto& p : model->parameters())
+    if (p.dim() >= 2) p.normal_(0.0, 0.3);
+  return model;
+}
+
+/// The program's CausalLMStudent over a tiny model (no tokenizer: the text methods are unused).
+class TinyLM final : public CausalLMStudent {
  public:
-  TinyLM(bool tied, uint64_t seed) {
-    ex::ModelConfig c;
-    c.architecture = "llama";
-    c.vocab_size = 301;
-    c.hidden_size = 32;
-    c.num_layers = 2;
-    c.num_heads = 4;
-    c.num_kv_heads = 2;
-    c.head_dim = 8;
-    c.intermediate_size = 64;
-    c.tie_word_embeddings = tied;
-    torch::manual_seed(seed);
-    model_ = ex::make_causal_lm(c);
-    torch::NoGradGuard no_grad;
-    // Large enough weights that the next-token entropies spread out (some below 1 nat).
-    for (auto& p : model_->parameters())
-      if (p.dim() >= 2) p.normal_(0.0, 0.3);
-  }
-  torch::Tensor forward(const torch::Tensor& ids) override { return model_->forward(ids); }
-  torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& positions) override {
-    ex::ForwardOptions o;
-    o.output_positions = positions;
-    return model_->forward(ids, o);
-  }
-  torch::Tensor forward_hidden(const torch::Tensor& ids, const torch::Tensor& positions) override {
-    ex::ForwardOptions o;
-    o.output_positions = positions;
-    return model_->forward_hidden(ids, o);
-  }
-  torch::Tensor head_weight() override { return model_->output_embeddings(); }
-  std::vector<torch::Tensor> parameters() override { return model_->parameters(); }
-  void freeze_embeddings() override {
-    model_->input_embeddings().set_requires_grad(false);
-    model_->output_embeddings().set_requires_grad(false);
-  }
+  TinyLM(bool tied, uint64_t seed) : CausalLMStudent(tiny_llama(tied, seed)) {}
   torch::Device device() const override { return torch::kCPU; }
   int64_t pad_id() const override { return 0; }
   TrainSequence encode_example(const std::string&, const std::string&, int64_t) const override { return {}; }
   std::vector<std::string> generate(const std::vector<std::string>&, int64_t, int64_t) override { return {}; }
   void save(torch::serialize::OutputArchive&) const override {}
   void load(torch::serialize::InputArchive&) override {}
-  void train(bool on) override { model_->train(on); }
-
- private:
-  std::shared_ptr<ex::CausalLM> model_;
 };
 
 /// Six sequences of different lengths (prompt 3-6 tokens, response 5-14), ids in [1, 300].

@@ -1,5 +1,7 @@
 #include "lm.h"
 
+#include "causal_lm_student.h"
+
 #include "common/chat_template.h"
 #include "common/generate.h"
 #include "common/gguf.h"
@@ -26,34 +28,16 @@ ex::ChatTemplateOptions generation_prompt(bool add) {
   return ex::ChatTemplateOptions().with_add_generation_prompt(add).with_date_string("26 Jul 2024");
 }
 
-class StudentLM final : public LanguageModel {
+class StudentLM final : public CausalLMStudent {
  public:
   StudentLM(std::shared_ptr<ex::CausalLM> model, ex::Tokenizer tok, torch::Device device)
-      : model_(std::move(model)), tok_(std::move(tok)), device_(device),
+      : CausalLMStudent(std::move(model)), tok_(std::move(tok)), device_(device),
         chat_(ex::ChatTemplate::from_tokenizer(tok_, /*plain_if_missing=*/true)) {
     for (int32_t id : tok_.stop_ids()) stop_.push_back(id);
     TORCH_CHECK(!stop_.empty(), "model: the tokenizer of ", tok_.source(), " defines no end-of-turn token");
     pad_ = tok_.pad_id() ? *tok_.pad_id() : stop_.front();
   }
 
-  torch::Tensor forward(const torch::Tensor& ids) override { return model_->forward(ids); }
-  torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& positions) override {
-    ex::ForwardOptions o;
-    o.output_positions = positions;
-    return model_->forward(ids, o);
-  }
-  torch::Tensor forward_hidden(const torch::Tensor& ids, const torch::Tensor& positions) override {
-    ex::ForwardOptions o;
-    o.output_positions = positions;
-    return model_->forward_hidden(ids, o);
-  }
-  torch::Tensor head_weight() override { return model_->output_embeddings(); }
-  std::vector<torch::Tensor> parameters() override { return model_->parameters(); }
-  void freeze_embeddings() override {
-    for (auto& p : model_->named_parameters())
-      if (p.key() == "lm_head.weight" || p.value().is_same(model_->input_embeddings()))
-        p.value().set_requires_grad(false);
-  }
   torch::Device device() const override { return device_; }
   int64_t pad_id() const override { return pad_; }
 
@@ -111,10 +95,7 @@ class StudentLM final : public LanguageModel {
     model_->load(archive);
     model_->to(device_);
   }
-  void train(bool on) override { model_->train(on); }
-
  private:
-  std::shared_ptr<ex::CausalLM> model_;
   ex::Tokenizer tok_;
   torch::Device device_;
   ex::ChatTemplate chat_;

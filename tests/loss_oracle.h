@@ -304,6 +304,23 @@ bool ratio_is_robust(std::vector<double> h, double q, bool exact_ties) {
   return gap >= kMinGap / 2 || (exact_ties && gap == 0.0);
 }
 
+/// Sets a random threshold of `mode` on `o` that decides alike in fp32 and fp64 for the decision
+/// values `decision`: an Absolute threshold in a gap masking a random count, or a ratio from
+/// {0, 0.2, 0.5, 0.75, 1} (0 when that one is not robust; `exact_ties` as in ratio_is_robust).
+void set_robust_threshold(slowed::EntropyMaskedCrossEntropyOptions& o, slowed::ThresholdMode mode,
+                          const std::vector<double>& decision, bool exact_ties, std::mt19937_64& rng) {
+  if (mode == slowed::ThresholdMode::Absolute) {
+    std::uniform_int_distribution<int64_t> want(0, static_cast<int64_t>(decision.size()));
+    o.entropy_threshold(robust_absolute_threshold(decision, want(rng)));
+  } else {
+    const double qs[] = {0.0, 0.2, 0.5, 0.75, 1.0};
+    std::uniform_int_distribution<int> pick(0, 4);
+    double q = qs[pick(rng)];
+    if (!ratio_is_robust(decision, q, exact_ties)) q = 0.0;
+    o.mask_ratio(q);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Tolerances (docs/numerics.md, "Loss: tolerances")
 // ------------------------------------------------------------------------------------------------

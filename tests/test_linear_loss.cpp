@@ -331,16 +331,7 @@ void run_linear_case(const LinearCase& c) {
   std::vector<double> decision;
   for (int64_t i = 0; i < n; ++i)
     if (rows.valid[size_t(i)]) decision.push_back(c.reference ? ref(i) : rows.entropy(i));
-  if (c.mode == ThresholdMode::Absolute) {
-    std::uniform_int_distribution<int64_t> want(0, static_cast<int64_t>(decision.size()));
-    o.entropy_threshold(robust_absolute_threshold(decision, want(rng)));
-  } else {
-    const double qs[] = {0.0, 0.2, 0.5, 0.75, 1.0};
-    std::uniform_int_distribution<int> pick(0, 4);
-    double q = qs[pick(rng)];
-    if (!ratio_is_robust(decision, q, v == 1 && !c.reference)) q = 0.0;
-    o.mask_ratio(q);
-  }
+  set_robust_threshold(o, c.mode, decision, /*exact_ties=*/v == 1 && !c.reference, rng);
 
   torch::Tensor upstream;
   Vec up;

@@ -309,15 +309,10 @@ inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const a
     bump_version(logits);
   if (opt.check_inputs()) check_loss_data(in, terms.lse, opt);
 
-  MaskDecision d =
-      decide_mask(in.reference.defined() ? in.reference : terms.entropy, in.valid, opt);
-  at::Tensor n_valid = in.valid.sum();
-  at::Tensor n_kept = d.keep.sum();
-  r.grad_scale = normalization(n_valid, n_kept, cdt, opt.reduction());
-  at::Tensor zero = at::zeros({}, terms.loss.options());
-  at::Tensor kept_loss = at::where(d.keep, terms.loss, zero);
-  r.loss = opt.reduction() == Reduction::None ? kept_loss.reshape(targets.sizes())
-                                              : kept_loss.sum() * r.grad_scale;
+  CallReduction d = reduce_call(in.reference.defined() ? in.reference : terms.entropy, in.valid,
+                                terms, targets.sizes(), opt);
+  r.grad_scale = d.grad_scale;
+  r.loss = d.loss;
   if (need_grad) {
     // The kernels keep every valid row in ratio mode (the threshold needs all entropies):
     // zero the rows phase B masked. In absolute mode both decisions are the same.
@@ -331,7 +326,7 @@ inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const a
       reference_row_grad(in.logits, in.safe_targets, terms.lse, d.keep.to(cdt), opt, r.grad);
     }
   }
-  r.stats = mask_stats(in.valid, terms.entropy, n_valid, n_kept, d.threshold);
+  r.stats = d.stats;
   // Last, after every write of the gradient (some bump the version counter).
   if (need_grad && opt.inplace_backward()) OverwrittenLogits::instance().record(logits);
   return r;

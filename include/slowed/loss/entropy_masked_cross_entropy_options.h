@@ -3,8 +3,10 @@
 // Options of EntropyMaskedCrossEntropy (Low-Entropy Masking, SLowED). See docs/api.md.
 
 #include <slowed/detail/check.h>
+#include <slowed/dist/communicator.h>
 
 #include <cstdint>
+#include <memory>
 
 namespace slowed {
 
@@ -131,6 +133,25 @@ class EntropyMaskedCrossEntropyOptions {
   }
   bool use_reference() const { return use_reference_; }
 
+  /// Data parallelism: with a group of ranks (a `c10::intrusive_ptr` to a c10d::ProcessGroup or
+  /// c10d::Backend after `#include <slowed/dist/process_group.h>`, or a
+  /// `std::shared_ptr<slowed::dist::Communicator>`), every rank calls the loss on its share of
+  /// the global batch and gets the global batch's loss, statistics, ratio-mode threshold and
+  /// normalization (kept and valid counts); its gradient is the global loss's gradient with
+  /// respect to its own inputs (times the world size when `gradients` is
+  /// `dist::GradientReduction::Mean`, for trainers that average gradients). Every rank must call
+  /// with the same options. Costs one small all-reduce per call, four more in ratio mode
+  /// (docs/distributed.md). `nullptr` (default) is single-process.
+  template <class Group>
+  EntropyMaskedCrossEntropyOptions& process_group(
+      const Group& group, dist::GradientReduction gradients = dist::GradientReduction::Sum) {
+    process_group_ = dist::CommunicatorFrom<Group>::make(group);
+    gradient_reduction_ = gradients;
+    return *this;
+  }
+  const std::shared_ptr<dist::Communicator>& process_group() const { return process_group_; }
+  dist::GradientReduction gradient_reduction() const { return gradient_reduction_; }
+
  private:
   ThresholdMode threshold_mode_ = ThresholdMode::Absolute;
   double entropy_threshold_ = 0.3;
@@ -143,6 +164,8 @@ class EntropyMaskedCrossEntropyOptions {
   bool inplace_backward_ = false;
   bool check_inputs_ = true;
   bool use_reference_ = false;
+  std::shared_ptr<dist::Communicator> process_group_;
+  dist::GradientReduction gradient_reduction_ = dist::GradientReduction::Sum;
 };
 
 }  // namespace slowed

@@ -11,12 +11,14 @@
 // The fused kernels compute the same quantities; docs/numerics.md gives the formulas.
 
 #include <slowed/detail/check.h>
+#include <slowed/dist/global_mask.h>
 #include <slowed/loss/entropy_mask_stats.h>
 #include <slowed/loss/entropy_masked_cross_entropy_options.h>
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 
 namespace slowed {
@@ -103,6 +105,13 @@ inline void reference_row_grad(const at::Tensor& z2d, const at::Tensor& safe_tar
   }
 }
 
+/// keep = valid & (H >= threshold), written as !(H < thr) && !isnan(H) so that a NaN
+/// (reference) entropy is masked, never kept.
+inline at::Tensor keep_from_threshold(const at::Tensor& h, const at::Tensor& valid,
+                                      const at::Tensor& threshold) {
+  return valid & ~(h < threshold) & ~at::isnan(h);
+}
+
 /// Phase B result: which tokens stay in the loss and the threshold that decided it.
 struct MaskDecision {
   at::Tensor keep;       ///< bool [N]
@@ -131,8 +140,7 @@ inline MaskDecision decide_mask(const at::Tensor& decision_entropy, const at::Te
     at::Tensor idx = k.clamp_max(h.numel() - 1).reshape({1});
     thr = at::where(k >= n_valid, at::full({}, inf, f32), sorted.index_select(0, idx).squeeze(0));
   }
-  // Written as !(h < thr) so that a NaN reference entropy is masked, never kept.
-  return {valid & ~(h < thr) & ~at::isnan(h), thr};
+  return {keep_from_threshold(h, valid, thr), thr};
 }
 
 /// Everything one call produces.
@@ -171,20 +179,107 @@ inline at::Tensor normalization(const at::Tensor& n_valid, const at::Tensor& n_k
 
 /// Phase B's statistics from the per-row vectors (all [N]): counts, kept fraction, mean current
 /// entropy of the valid tokens, and the threshold of the decision.
-inline EntropyMaskStats mask_stats(const at::Tensor& valid, const at::Tensor& entropy,
-                                   const at::Tensor& n_valid, const at::Tensor& n_kept,
-                                   const at::Tensor& threshold) {
+/// The valid tokens' entropy sum (fp32, 0-dim).
+inline at::Tensor valid_entropy_sum(const at::Tensor& valid, const at::Tensor& entropy) {
+  return at::where(valid, entropy.to(at::kFloat),
+                   at::zeros({}, entropy.options().dtype(at::kFloat)))
+      .sum();
+}
+
+/// Statistics from a call's counts (int64), the valid tokens' entropy sum and the threshold.
+inline EntropyMaskStats stats_from_totals(const at::Tensor& n_valid, const at::Tensor& n_kept,
+                                          const at::Tensor& entropy_sum,
+                                          const at::Tensor& threshold) {
   EntropyMaskStats s;
   const at::Tensor denominator = n_valid.clamp_min(1).to(at::kFloat);
   s.num_valid = n_valid;
   s.num_kept = n_kept;
   s.kept_fraction = n_kept.to(at::kFloat) / denominator;
-  s.mean_entropy =
-      at::where(valid, entropy.to(at::kFloat), at::zeros({}, entropy.options().dtype(at::kFloat)))
-          .sum() /
-      denominator;
+  s.mean_entropy = entropy_sum.to(at::kFloat) / denominator;
   s.threshold = threshold;
   return s;
+}
+
+inline EntropyMaskStats mask_stats(const at::Tensor& valid, const at::Tensor& entropy,
+                                   const at::Tensor& n_valid, const at::Tensor& n_kept,
+                                   const at::Tensor& threshold) {
+  return stats_from_totals(n_valid, n_kept, valid_entropy_sum(valid, entropy), threshold);
+}
+
+/// Phase B of one call, everything after the row terms: the keep decision, the normalization,
+/// the reduced loss and the statistics.
+struct CallReduction {
+  at::Tensor keep;        ///< bool [N]
+  at::Tensor loss;        ///< 0-dim, or `loss_shape` for Reduction::None (compute dtype)
+  at::Tensor grad_scale;  ///< 0-dim factor the backward applies to the keep-masked gradient
+  EntropyMaskStats stats;
+};
+
+/// The options every rank of a group must share, checked before the call's sums (their
+/// number and sizes depend on them); docs/distributed.md.
+inline void check_same_call_on_all_ranks(const EntropyMaskedCrossEntropyOptions& opt,
+                                         dist::Communicator& group, const at::Device& device) {
+  auto bits = [](double x) {
+    int64_t b;
+    std::memcpy(&b, &x, sizeof b);
+    return b;
+  };
+  const bool ratio = opt.threshold_mode() == ThresholdMode::Ratio;
+  dist::check_same_on_all_ranks(
+      {static_cast<int64_t>(opt.threshold_mode()),
+       bits(ratio ? opt.mask_ratio() : opt.entropy_threshold()),
+       static_cast<int64_t>(opt.reduction()), static_cast<int64_t>(opt.gradient_reduction()),
+       opt.ignore_index(), bits(opt.label_smoothing()), bits(opt.lse_square_scale()),
+       bits(opt.softcap())},
+      {"threshold mode (absolute or ratio)", ratio ? "mask_ratio" : "entropy_threshold",
+       "reduction", "gradient reduction", "ignore_index", "label_smoothing", "lse_square_scale",
+       "softcap"},
+      device, group);
+}
+
+/// Phase B over this call's tokens, or, when the options carry a process group, over the
+/// tokens of every rank's call: the threshold (ratio mode), the counts behind the normalization,
+/// the loss and the statistics are then those of the global batch; the loss's gradient is the
+/// global loss's gradient with respect to this rank's inputs, times the world size for
+/// dist::GradientReduction::Mean. `decision_entropy`, `valid`, `terms` are [N].
+inline CallReduction reduce_call(const at::Tensor& decision_entropy, const at::Tensor& valid,
+                                 const RowTerms& terms, at::IntArrayRef loss_shape,
+                                 const EntropyMaskedCrossEntropyOptions& opt) {
+  const auto cdt = terms.loss.scalar_type();
+  const at::Tensor zero = at::zeros({}, terms.loss.options());
+  CallReduction r;
+  dist::Communicator* group = opt.process_group().get();
+  if (group == nullptr) {
+    MaskDecision d = decide_mask(decision_entropy, valid, opt);
+    at::Tensor n_valid = valid.sum();
+    at::Tensor n_kept = d.keep.sum();
+    r.keep = d.keep;
+    r.grad_scale = normalization(n_valid, n_kept, cdt, opt.reduction());
+    at::Tensor kept_loss = at::where(d.keep, terms.loss, zero);
+    r.loss = opt.reduction() == Reduction::None ? kept_loss.reshape(loss_shape)
+                                                : kept_loss.sum() * r.grad_scale;
+    r.stats = mask_stats(valid, terms.entropy, n_valid, n_kept, d.threshold);
+    return r;
+  }
+  if (opt.check_inputs()) check_same_call_on_all_ranks(opt, *group, decision_entropy.device());
+  at::Tensor h = decision_entropy.to(at::kFloat);
+  at::Tensor threshold =
+      opt.threshold_mode() == ThresholdMode::Absolute
+          ? at::full({}, opt.entropy_threshold(), h.options())
+          : dist::global_ratio_threshold(h, valid, opt.mask_ratio(), *group);
+  r.keep = keep_from_threshold(h, valid, threshold);
+  at::Tensor kept_loss = at::where(r.keep, terms.loss, zero);
+  dist::GlobalTotals g = dist::global_totals(valid.sum(), r.keep.sum(),
+                                             valid_entropy_sum(valid, terms.entropy),
+                                             kept_loss.sum(), *group);
+  at::Tensor value_scale = normalization(g.n_valid, g.n_kept, cdt, opt.reduction());
+  r.grad_scale = opt.gradient_reduction() == dist::GradientReduction::Mean
+                     ? value_scale * static_cast<double>(group->world_size())
+                     : value_scale;
+  r.loss = opt.reduction() == Reduction::None ? kept_loss.reshape(loss_shape)
+                                              : g.loss_sum.to(cdt) * value_scale;
+  r.stats = stats_from_totals(g.n_valid, g.n_kept, g.entropy_sum, threshold);
+  return r;
 }
 
 /// Backward on the reference path: out = grad * factor in the compute dtype, rounded once to

@@ -279,8 +279,6 @@ inline LinearForward linear_ce_forward(const LinearInputs& in, const at::Tensor&
   if (opt.check_inputs()) check_loss_data(all, at::zeros({n}, f), opt);
 
   RowTerms terms{at::empty({n}, f), at::empty({n}, f), at::empty({n}, f)};
-  at::Tensor keep = at::empty({n}, in.rows.valid.options());
-  const bool absolute = opt.threshold_mode() == ThresholdMode::Absolute;
   for (int64_t c0 = 0; c0 < n; c0 += chunk) {
     const int64_t len = std::min(chunk, n - c0);
     at::Tensor h = in.hidden.narrow(0, c0, len);
@@ -296,11 +294,8 @@ inline LinearForward linear_ce_forward(const LinearInputs& in, const at::Tensor&
     terms.lse.narrow(0, c0, len).copy_(t.lse);
     terms.entropy.narrow(0, c0, len).copy_(t.entropy);
     terms.loss.narrow(0, c0, len).copy_(t.loss);
-    if (absolute) {
-      if (!keep_c.defined()) decide(t);
-      keep.narrow(0, c0, len).copy_(keep_c);
-    }
     if (grads != nullptr) {
+      if (!keep_c.defined()) decide(t);
       at::Tensor origin = compact_kept_rows_(z, keep_c);
       grads->add(in, z.narrow(0, 0, origin.numel()), origin + c0, h.index_select(0, origin),
                  at::Tensor());
@@ -308,18 +303,15 @@ inline LinearForward linear_ce_forward(const LinearInputs& in, const at::Tensor&
   }
   if (opt.check_inputs()) check_loss_data(all, terms.lse, opt);
 
+  // In absolute mode the chunks' decisions are this one's (the same rule, row by row).
+  CallReduction d =
+      reduce_call(in.rows.reference.defined() ? in.rows.reference : terms.entropy, in.rows.valid,
+                  terms, targets_shape.sizes(), opt);
   LinearForward r;
-  MaskDecision d =
-      decide_mask(in.rows.reference.defined() ? in.rows.reference : terms.entropy, in.rows.valid, opt);
-  if (!absolute) keep.copy_(d.keep);
-  r.keep = keep;
-  at::Tensor n_valid = in.rows.valid.sum();
-  at::Tensor n_kept = keep.sum();
-  r.grad_scale = normalization(n_valid, n_kept, cdt, opt.reduction());
-  at::Tensor kept_loss = at::where(keep, terms.loss, at::zeros({}, terms.loss.options()));
-  r.loss = opt.reduction() == Reduction::None ? kept_loss.reshape(targets_shape.sizes())
-                                              : kept_loss.sum() * r.grad_scale;
-  r.stats = mask_stats(in.rows.valid, terms.entropy, n_valid, n_kept, d.threshold);
+  r.keep = d.keep;
+  r.grad_scale = d.grad_scale;
+  r.loss = d.loss;
+  r.stats = d.stats;
   return r;
 }
 

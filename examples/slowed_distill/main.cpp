@@ -59,6 +59,9 @@ void usage() {
       "  --eval-batch N        generation batch (default 25)\n"
       "  --no-checkpoints      do not write checkpoints/<mode>.pt (no --resume then)\n"
       "  --seed N  --device cpu|cuda  --resume  --quiet\n"
+      "  --dist-timeout S      data parallelism (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set, as\n"
+      "                        torchrun --no-python sets them): seconds a rank waits for a peer\n"
+      "                        before failing (default 300); docs/distributed.md\n"
       "  --preset NAME         quick (the defaults above), full (all five modes, 3 epochs, all data),\n"
       "                        gpu (base, sft, slowed: 3 epochs, all 520 goals, the BBH test split,\n"
       "                        400 each of ARC-E/ARC-C/AGIEval; one GPU call), gpu-ablation (slow and\n"
@@ -155,6 +158,7 @@ RunConfig parse(int argc, char** argv) {
       {"--safety-new-tokens", [&](const std::string& v) { c.safety_new_tokens = number<int64_t>("--safety-new-tokens", v); }},
       {"--eval-batch", [&](const std::string& v) { c.eval_batch = number<int64_t>("--eval-batch", v); }},
       {"--seed", [&](const std::string& v) { c.seed = number<uint64_t>("--seed", v); }},
+      {"--dist-timeout", [&](const std::string& v) { c.dist_timeout_s = number<double>("--dist-timeout", v); }},
       {"--device", [&](const std::string& v) { c.device = v; }},
   };
   // The preset first, so that later flags override it.

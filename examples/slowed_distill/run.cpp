@@ -1,6 +1,7 @@
 #include "run.h"
 
 #include "slowed_distill/data.h"
+#include "slowed_distill/distributed.h"
 #include "slowed_distill/lm.h"
 #include "slowed_distill/metrics.h"
 
@@ -14,6 +15,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -121,12 +123,21 @@ struct EvalSets {
   std::vector<AdvGoal> advbench;
 };
 
-Proportion accuracy(LanguageModel& lm, const std::vector<Example>& set, const RunConfig& cfg,
-                    const std::string& label) {
+/// This rank's contiguous share [begin, end) of n items (rank order is item order).
+std::pair<size_t, size_t> share_of(size_t n, const DataParallel& dp) {
+  const size_t w = static_cast<size_t>(dp.world()), r = static_cast<size_t>(dp.rank());
+  return {n * r / w, n * (r + 1) / w};
+}
+
+/// Correct answers among this rank's share of `set` (n: the share's size).
+Proportion accuracy(LanguageModel& lm, const std::vector<Example>& all, const RunConfig& cfg,
+                    const std::string& label, const DataParallel& dp) {
+  const auto [lo, hi] = share_of(all.size(), dp);
+  const std::vector<Example> set(all.begin() + static_cast<long>(lo), all.begin() + static_cast<long>(hi));
   Proportion p;
   p.n = static_cast<int64_t>(set.size());
   if (set.empty()) return p;
-  Progress bar(label, p.n, cfg.quiet);
+  Progress bar(label, p.n, cfg.quiet || !dp.is_main());
   // Chunks of a few batches: the model sorts each chunk by length, the bar moves per chunk.
   const size_t chunk = static_cast<size_t>(cfg.eval_batch) * 4;
   for (size_t b = 0; b < set.size(); b += chunk) {
@@ -141,24 +152,26 @@ Proportion accuracy(LanguageModel& lm, const std::vector<Example>& set, const Ru
   return p;
 }
 
-void evaluate(LanguageModel& lm, const EvalSets& sets, const RunConfig& cfg, EpochRecord& rec) {
+void evaluate(LanguageModel& lm, const EvalSets& sets, const RunConfig& cfg, EpochRecord& rec,
+              DataParallel& dp) {
   torch::NoGradGuard no_grad;
   AutocastScope autocast(lm.device(), cfg.precision);
   lm.train(false);
   const auto t0 = Clock::now();
   const std::string tag = rec.mode + " e" + std::to_string(rec.epoch) + " ";
-  rec.bbh = accuracy(lm, sets.bbh_test, cfg, tag + "BBH");
-  rec.arc_e = accuracy(lm, sets.arc_e, cfg, tag + "ARC-E");
-  rec.arc_c = accuracy(lm, sets.arc_c, cfg, tag + "ARC-C");
-  rec.agieval = accuracy(lm, sets.agieval, cfg, tag + "AGIEval");
+  rec.bbh = accuracy(lm, sets.bbh_test, cfg, tag + "BBH", dp);
+  rec.arc_e = accuracy(lm, sets.arc_e, cfg, tag + "ARC-E", dp);
+  rec.arc_c = accuracy(lm, sets.arc_c, cfg, tag + "ARC-C", dp);
+  rec.agieval = accuracy(lm, sets.agieval, cfg, tag + "AGIEval", dp);
 
   // Every response is saved with both judgements, so the safety ratio can be audited and redone.
-  Progress bar(tag + "AdvBench", static_cast<int64_t>(sets.advbench.size()), cfg.quiet);
-  rec.safety = rec.safety_prefix = Proportion{0, static_cast<int64_t>(sets.advbench.size())};
+  const auto [adv_lo, adv_hi] = share_of(sets.advbench.size(), dp);
+  Progress bar(tag + "AdvBench", static_cast<int64_t>(adv_hi - adv_lo), cfg.quiet || !dp.is_main());
+  rec.safety = rec.safety_prefix = Proportion{0, static_cast<int64_t>(adv_hi - adv_lo)};
   std::string jsonl;
   const size_t chunk = static_cast<size_t>(cfg.eval_batch) * 4;
-  for (size_t b = 0; b < sets.advbench.size(); b += chunk) {
-    const size_t e = std::min(sets.advbench.size(), b + chunk);
+  for (size_t b = adv_lo; b < adv_hi; b += chunk) {
+    const size_t e = std::min(adv_hi, b + chunk);
     std::vector<std::string> goals;
     for (size_t i = b; i < e; ++i) goals.push_back(sets.advbench[i].goal);
     const auto out = lm.generate(goals, cfg.safety_new_tokens, cfg.eval_batch);
@@ -173,11 +186,30 @@ void evaluate(LanguageModel& lm, const EvalSets& sets, const RunConfig& cfg, Epo
                ", \"gcg_marker\": " + json_string(marker) +
                ", \"refusal_prefix\": " + (prefix ? "true" : "false") + "}\n";
     }
-    bar.update(static_cast<int64_t>(e));
+    bar.update(static_cast<int64_t>(e - adv_lo));
     if (g_interrupted.load()) break;
   }
+  // The shares' counts add up to the whole set's; rank 0 writes every rank's responses, in goal
+  // order (the shares are contiguous and gathered in rank order).
+  const std::vector<double> counts =
+      dp.sum({double(rec.bbh.k), double(rec.bbh.n), double(rec.arc_e.k), double(rec.arc_e.n),
+              double(rec.arc_c.k), double(rec.arc_c.n), double(rec.agieval.k), double(rec.agieval.n),
+              double(rec.safety.k), double(rec.safety_prefix.k), double(rec.safety.n), peak_rss_mb()});
+  auto count = [&](size_t i) { return static_cast<int64_t>(counts[i]); };
+  rec.bbh = Proportion{count(0), count(1)};
+  rec.arc_e = Proportion{count(2), count(3)};
+  rec.arc_c = Proportion{count(4), count(5)};
+  rec.agieval = Proportion{count(6), count(7)};
+  rec.safety = Proportion{count(8), count(10)};
+  rec.safety_prefix = Proportion{count(9), count(10)};
+  const std::vector<std::string> parts =
+      dp.gather_to_main("advbench/" + rec.mode + "/" + std::to_string(rec.epoch), jsonl);
   rec.eval_seconds = seconds_since(t0);
-  rec.peak_rss_mb = peak_rss_mb();
+  // One process: its peak; several: their sum (what the run held at most, bounded above).
+  rec.peak_rss_mb = dp.world() > 1 ? counts[11] : peak_rss_mb();
+  if (!dp.is_main()) return;
+  jsonl.clear();
+  for (const auto& part : parts) jsonl += part;
   make_dirs(cfg.out_dir + "/samples");
   write_file_atomically(cfg.out_dir + "/samples/advbench_" + rec.mode + "_epoch" +
                             std::to_string(rec.epoch) + ".jsonl",
@@ -364,9 +396,19 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
   TORCH_CHECK(file_exists(cfg.model_path), "--model: ", cfg.model_path,
               " does not exist (scripts/setup fetches Qwen2.5-Coder-0.5B-Instruct and SmolLM2-135M-Instruct "
               "into ~/.cache/slowed/models)");
+  TORCH_CHECK(cfg.dist_timeout_s > 0, "--dist-timeout: expected a positive number of seconds, got ",
+              cfg.dist_timeout_s);
   std::signal(SIGINT, on_sigint);
-  const torch::Device device(cfg.device);
-  make_dirs(cfg.out_dir);
+  // Ranks from the environment (torchrun, or by hand); one process when WORLD_SIZE is unset.
+  DataParallel dp(read_rank_environment([](const char* name) { return std::getenv(name); }), cfg.device,
+                  std::chrono::milliseconds(static_cast<int64_t>(cfg.dist_timeout_s * 1000)));
+  const torch::Device device(dp.device());
+  const bool main_rank = dp.is_main();
+  if (main_rank) make_dirs(cfg.out_dir);
+  // Every rank must run the same job: the options that shape the collectives and the data.
+  dp.check_same({static_cast<int64_t>(cfg.seed), cfg.batch_size, cfg.max_len, cfg.train_per_task, cfg.epochs,
+                 static_cast<int64_t>(cfg.modes.size())},
+                {"--seed", "--batch", "--max-len", "--train-per-task", "--epochs", "number of --modes"});
 
   BbhOptions bo;
   bo.seed = cfg.seed;
@@ -381,11 +423,12 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
   sets.arc_c = load_arc(cfg.data_dir, "ARC-Challenge", cfg.ood_limit, cfg.seed);
   sets.agieval = load_agieval(cfg.data_dir, cfg.ood_limit, cfg.seed);
   sets.advbench = load_advbench(cfg.data_dir, cfg.advbench_limit, cfg.seed);
-  std::fprintf(stderr, "slowed_distill: %zu BBH train (%lld wrong rationales dropped), %zu BBH test, "
-               "%zu/%zu/%zu ARC-E/ARC-C/AGIEval, %zu AdvBench; device %s\n",
-               bbh.train.size(), static_cast<long long>(bbh.dropped_wrong_rationales), bbh.test.size(),
-               sets.arc_e.size(), sets.arc_c.size(), sets.agieval.size(), sets.advbench.size(),
-               cfg.device.c_str());
+  if (main_rank)
+    std::fprintf(stderr, "slowed_distill: %zu BBH train (%lld wrong rationales dropped), %zu BBH test, "
+                 "%zu/%zu/%zu ARC-E/ARC-C/AGIEval, %zu AdvBench; device %s, %d rank%s\n",
+                 bbh.train.size(), static_cast<long long>(bbh.dropped_wrong_rationales), bbh.test.size(),
+                 sets.arc_e.size(), sets.arc_c.size(), sets.agieval.size(), sets.advbench.size(),
+                 cfg.device.c_str(), dp.world(), dp.world() > 1 ? "s" : "");
 
   std::vector<EpochRecord> records;
   if (cfg.resume) records = read_records(cfg.out_dir + "/results.jsonl");
@@ -397,10 +440,10 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
     EpochRecord r;
     r.mode = "base";
     r.device = cfg.device;
-    evaluate(*lm, sets, cfg, r);
+    evaluate(*lm, sets, cfg, r, dp);
     check_interrupted(cfg);
     put_record(records, r);
-    write_reports(cfg.out_dir, records);
+    if (main_rank) write_reports(cfg.out_dir, records);
     base = find_record(records, "base", 0);
   }
   const EpochRecord base_record = *base;
@@ -420,8 +463,11 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
     int start = 1;
     if (cfg.resume && file_exists(checkpoint_path(cfg, mode))) {
       start = load_checkpoint(cfg, mode, *lm, opt) + 1;
-      std::fprintf(stderr, "slowed_distill: %s resumes after epoch %d\n", mode.c_str(), start - 1);
+      if (main_rank) std::fprintf(stderr, "slowed_distill: %s resumes after epoch %d\n", mode.c_str(), start - 1);
     }
+    // Every rank starts from the same weights (same model file, seed and checkpoint).
+    if (dp.world() > 1)
+      dp.check_same({parameter_fingerprint(lm->parameters()), start}, {"initial weights", "resume epoch"});
     EpochRecord zero = base_record;
     zero.mode = mode;
     put_record(records, zero);
@@ -439,8 +485,10 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
       data.push_back(std::move(s));
     }
     TORCH_CHECK(!data.empty(), "--max-len ", cfg.max_len, ": every training example is longer than that");
-    std::fprintf(stderr, "slowed_distill: %s trains on %zu examples (%lld longer than --max-len %lld skipped)\n",
-                 mode.c_str(), data.size(), static_cast<long long>(too_long), static_cast<long long>(cfg.max_len));
+    if (main_rank)
+      std::fprintf(stderr, "slowed_distill: %s trains on %zu examples (%lld longer than --max-len %lld skipped)\n",
+                   mode.c_str(), data.size(), static_cast<long long>(too_long),
+                   static_cast<long long>(cfg.max_len));
 
     for (int epoch = start; epoch <= cfg.epochs; ++epoch) {
       std::vector<size_t> order(data.size());
@@ -449,16 +497,18 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
       lm->train(true);
       const auto t0 = Clock::now();
       const int64_t steps = (static_cast<int64_t>(data.size()) + cfg.batch_size - 1) / cfg.batch_size;
-      Progress bar(mode + " e" + std::to_string(epoch) + " train", steps, cfg.quiet);
+      Progress bar(mode + " e" + std::to_string(epoch) + " train", steps, cfg.quiet || !main_rank);
       double loss_epoch = 0, kept_epoch = 0;
       const int64_t micro = cfg.micro_batch > 0 ? std::min(cfg.micro_batch, cfg.batch_size) : cfg.batch_size;
       for (int64_t s = 0; s < steps; ++s) {
+        // The global batch is --batch sequences; rank r takes its sequences r, r + world, ...
         std::vector<TrainSequence> batch;
         for (int64_t k = s * cfg.batch_size; k < std::min<int64_t>((s + 1) * cfg.batch_size, data.size()); ++k)
-          batch.push_back(data[order[static_cast<size_t>(k)]]);
+          if ((k - s * cfg.batch_size) % dp.world() == dp.rank()) batch.push_back(data[order[static_cast<size_t>(k)]]);
         // Micro-batches of `micro` sequences, gradients accumulated: the loss of each is the sum
-        // over its response tokens (kept tokens for lem), and the accumulated gradient is divided
-        // by the batch's token count, so the step equals one full-batch step of the mean loss.
+        // over its response tokens (kept tokens for lem); the accumulated gradients and counts are
+        // summed over the ranks and divided by the global batch's kept-token count, so the step
+        // equals one full-batch step of the mean loss on one process (docs/distributed.md).
         opt.zero_grad();
         double loss_sum = 0;
         int64_t n_valid = 0, n_kept = 0;
@@ -471,6 +521,13 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
           n_valid += mb.n_valid;
           n_kept += mb.n_kept;
           check_interrupted(cfg);
+        }
+        if (dp.world() > 1) {
+          dp.sum_gradients(trainable);
+          const std::vector<double> total = dp.sum({loss_sum, double(n_valid), double(n_kept)});
+          loss_sum = total[0];
+          n_valid = static_cast<int64_t>(total[1]);
+          n_kept = static_cast<int64_t>(total[2]);
         }
         {
           torch::NoGradGuard no_grad;
@@ -495,17 +552,19 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
       r.kept_fraction = kept_epoch / static_cast<double>(std::max<int64_t>(steps, 1));
       r.drift = opt.stats().global_relative_drift;
       r.train_seconds = seconds_since(t0);
-      evaluate(*lm, sets, cfg, r);
+      evaluate(*lm, sets, cfg, r, dp);
       check_interrupted(cfg);
+      // Rank 0 alone writes reports and checkpoints (every rank holds the same weights).
       // Reports first, then the checkpoint: a kill between the two leaves the previous epoch's
       // checkpoint, so --resume redoes this epoch and rewrites the same record (training and
       // evaluation are deterministic). The other order would lose this epoch's record.
       put_record(records, r);
-      write_reports(cfg.out_dir, records);
-      if (cfg.checkpoints) save_checkpoint(cfg, mode, epoch, *lm, opt);
+      if (main_rank) write_reports(cfg.out_dir, records);
+      if (main_rank && cfg.checkpoints) save_checkpoint(cfg, mode, epoch, *lm, opt);
     }
   }
-  write_reports(cfg.out_dir, records);
+  if (main_rank) write_reports(cfg.out_dir, records);
+  dp.barrier();  // no rank leaves (closing its connections) while another still sums
   return records;
 }
 

@@ -45,6 +45,9 @@ struct RunConfig {
   bool resume = false;
   bool checkpoints = true;      ///< checkpoints/<mode>.pt after each epoch (needed by --resume)
   bool quiet = false;           ///< no progress bars
+  /// Data parallelism (RANK/WORLD_SIZE set, e.g. by torchrun): seconds any rendezvous or
+  /// collective may wait for a peer before the run fails with an error.
+  double dist_timeout_s = 300;
 };
 
 /// Runs every mode of `cfg`; returns all records (also written under cfg.out_dir). Throws

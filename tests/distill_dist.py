@@ -1,0 +1,165 @@
+"""Data-parallel runs of examples/slowed_distill on Gloo over loopback (ctest distill.dist).
+
+One process, 2 ranks launched by hand, 2 ranks under torchrun --no-python and 4 ranks by hand
+train the same global batches: their training loss, kept fraction and drift agree to fp32
+tolerance and their evaluation counts and AdvBench samples are equal. Then the failure contract:
+a killed rank makes its peer exit with an error within the timeout, and bad rank variables,
+mismatched WORLD_SIZE or options are errors, never hangs.
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--bin", required=True)
+ap.add_argument("--python", required=True)
+ap.add_argument("--data", required=True)
+ap.add_argument("--model", required=True)
+ap.add_argument("--work", required=True)
+args = ap.parse_args()
+
+for path, what in ((args.data + "/bbh/tasks", "data folder"), (args.model, "SmolLM2 GGUF")):
+    if not os.path.exists(path):
+        print(f"skipped: {what} {path} missing")
+        sys.exit(77)
+
+SMALL = ["--smoke", "--quiet", "--data", args.data, "--model", args.model,
+         "--tasks", "boolean_expressions,web_of_lies", "--train-per-task", "4", "--test-per-task", "2",
+         "--ood", "2", "--advbench", "5", "--max-new-tokens", "4", "--safety-new-tokens", "4",
+         "--max-len", "320", "--batch", "4", "--micro-batch", "1", "--eval-batch", "2",
+         "--modes", "base,slowed", "--no-checkpoints", "--dist-timeout", "20"]
+failures = []
+
+
+def check(cond, msg):
+    if not cond:
+        failures.append(msg)
+        print("FAIL:", msg)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank, world, port, **extra):
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def launch(out, world, *extra, envs=None, port=None):
+    port = port or free_port()
+    procs = []
+    for r in range(world):
+        env = envs[r] if envs else rank_env(r, world, port)
+        procs.append(subprocess.Popen([args.bin, *SMALL, "--out", out, *extra], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def wait_all(procs, limit):
+    deadline = time.time() + limit
+    outs = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            o, e = p.communicate()
+            e += "\n<killed by the test: hung>"
+        outs.append((p.returncode, o, e))
+    return outs
+
+
+def records(out):
+    with open(os.path.join(out, "results.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def same_run(a, b, what):
+    ra, rb = records(a), records(b)
+    check(len(ra) == len(rb), f"{what}: {len(rb)} records, expected {len(ra)}")
+    for x, y in zip(ra, rb):
+        tag = f"{what} {x['mode']} e{x['epoch']}"
+        for k in ("train_loss", "kept_fraction", "drift"):
+            check(abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), f"{tag}: {k} {y[k]} vs {x[k]} (one process)")
+        for k in x:
+            if k.endswith("_k") or k.endswith("_n"):
+                check(x[k] == y[k], f"{tag}: {k} {y[k]} vs {x[k]} (one process)")
+    for name in sorted(os.listdir(os.path.join(a, "samples"))):
+        with open(os.path.join(a, "samples", name)) as f, open(os.path.join(b, "samples", name)) as g:
+            check(f.read() == g.read(), f"{what}: samples/{name} differs from one process's")
+
+
+os.makedirs(args.work, exist_ok=True)
+one = os.path.join(args.work, "one")
+p = subprocess.run([args.bin, *SMALL, "--out", one], capture_output=True, text=True)
+if p.returncode != 0:
+    sys.exit(f"one process: exit {p.returncode}\n{p.stderr[-3000:]}")
+
+# 2 and 4 ranks by hand.
+for world in (2, 4):
+    out = os.path.join(args.work, f"hand{world}")
+    res = wait_all(launch(out, world), 300)
+    for r, (rc, o, e) in enumerate(res):
+        check(rc == 0, f"{world} ranks by hand: rank {r} exit {rc}\n{e[-2000:]}")
+    if all(rc == 0 for rc, _, _ in res):
+        same_run(one, out, f"{world} ranks by hand")
+        check(not os.path.exists(os.path.join(out, "results.jsonl.tmp")), "leftover temporary report")
+
+# 2 ranks under torchrun (its agent hosts the store; the workers connect to it).
+out = os.path.join(args.work, "torchrun2")
+p = subprocess.run([args.python, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--no-python",
+                    "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                    args.bin, *SMALL, "--out", out], capture_output=True, text=True, timeout=300)
+check(p.returncode == 0, f"torchrun: exit {p.returncode}\n{p.stderr[-3000:]}")
+if p.returncode == 0:
+    same_run(one, out, "torchrun 2 ranks")
+
+# A rank killed during training: its peer fails within the timeout (20 s) with a clear error.
+LONG = ["--train-per-task", "12", "--modes", "slowed", "--epochs", "3"]
+procs = launch(os.path.join(args.work, "killed"), 2, *LONG)
+time.sleep(8)
+procs[1].send_signal(signal.SIGKILL)
+t0 = time.time()
+(rc0, _, e0), _ = wait_all(procs, 90)
+check(rc0 != 0, "killed peer: rank 0 exit 0, expected an error")
+check(time.time() - t0 < 60, f"killed peer: rank 0 took {time.time() - t0:.0f} s to fail")
+check("<killed by the test: hung>" not in e0, "killed peer: rank 0 hung")
+check("rank" in e0 and ("failed" in e0 or "closed" in e0 or "timed out" in e0.lower()),
+      f"killed peer: rank 0's error does not say what happened:\n{e0[-1500:]}")
+
+# Bad rank variables: an error naming the variable, at once.
+bad = os.path.join(args.work, "bad")
+for env, needle in ((dict(RANK="2"), "RANK: expected an integer in [0, 1]"),
+                    (dict(RANK="x"), "RANK: expected an integer"),
+                    (dict(MASTER_ADDR=""), "MASTER_ADDR"),
+                    (dict(WORLD_SIZE="0"), "WORLD_SIZE: expected an integer in [1,")):
+    e = rank_env(0, 2, free_port())
+    e.update(env)
+    p = subprocess.run([args.bin, *SMALL, "--out", bad], env=e, capture_output=True, text=True, timeout=60)
+    check(p.returncode == 2 and needle in p.stderr, f"{env}: exit {p.returncode}, stderr {p.stderr[-500:]}")
+
+# Mismatched WORLD_SIZE (rank 1 believes in 3 ranks) and mismatched options: errors on every
+# rank within the timeout, not hangs.
+port = free_port()
+res = wait_all(launch(bad, 2, envs=[rank_env(0, 2, port), rank_env(1, 3, port)], port=port), 120)
+for r, (rc, _, e) in enumerate(res):
+    check(rc != 0 and "hung" not in e, f"mismatched WORLD_SIZE: rank {r} exit {rc}\n{e[-800:]}")
+port = free_port()
+procs = [subprocess.Popen([args.bin, *SMALL, "--out", bad, "--batch", str(4 + r)], env=rank_env(r, 2, port),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+for r, (rc, _, e) in enumerate(wait_all(procs, 120)):
+    check(rc == 2 and "same --batch" in e, f"mismatched --batch: rank {r} exit {rc}\n{e[-800:]}")
+
+if failures:
+    sys.exit(f"{len(failures)} check(s) failed")
+print("distill dist: all checks passed")

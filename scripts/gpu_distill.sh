@@ -2,7 +2,8 @@
 # One device call for the GPU presets of the reproduction (docs/reproduction.md, "GPU presets"):
 # joins and checks the staged model (scripts/stage_join), builds slowed_distill with ninja and runs
 # --preset gpu (base, sft, slowed) and, with "ablation", --preset gpu-ablation (slow, lem) into
-# $OUT/slowed_distill_gpu (results.jsonl, results.csv, plot.png, samples/*.jsonl, log).
+# $OUT/slowed_distill_gpu (results.jsonl, results.csv, plot.png, samples/*.jsonl, log); before
+# them, a one-rank NCCL smoke run of the data-parallel path ($OUT/distill_nccl.log).
 #   usage: scripts/gpu_distill.sh [gpu|ablation|both]   (data: stage/data/ or ../shared/data)
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,6 +23,15 @@ cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_
   -DSLOWED_BUILD_TESTS=OFF > "$out/configure.log" 2>&1 || { log "configure failed"; tail -20 "$out/configure.log"; exit 1; }
 cmake --build "$build" --target slowed_distill -j "$(nproc)" > "$out/build.log" 2>&1 ||
   { log "build failed"; grep -m20 error "$out/build.log"; exit 1; }
+# First, seconds: the trainer as one NCCL rank under torchrun (docs/distributed.md), its gradient
+# and counter sums through ProcessGroupNCCL, on a tiny random model with the staged tokenizer.
+log "slowed_distill: one NCCL rank under torchrun (smoke model)"
+timeout 180 "$py" -m torch.distributed.run --nproc-per-node 1 --no-python --master-addr 127.0.0.1 \
+  --master-port 29531 "$build/examples/slowed_distill/slowed_distill" --smoke --quiet --device cuda \
+  --data "$data" --model "$model" --tasks boolean_expressions --train-per-task 4 --test-per-task 1 \
+  --advbench 2 --max-new-tokens 4 --safety-new-tokens 4 --modes base,slowed --no-checkpoints \
+  --dist-timeout 60 --out "$out/distill_nccl" > "$out/distill_nccl.log" 2>&1
+log "distill NCCL rank: rc=$? ($(grep -m1 'rank' "$out/distill_nccl.log"))"
 presets=(gpu); [[ "$which" == ablation ]] && presets=(gpu-ablation); [[ "$which" == both ]] && presets=(gpu gpu-ablation)
 for p in "${presets[@]}"; do
   log "slowed_distill --preset $p"

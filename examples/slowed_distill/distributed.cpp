@@ -53,8 +53,13 @@ RankEnvironment read_rank_environment(const std::function<const char*(const char
   e.restart_count = env_int(getenv, "TORCHELASTIC_RESTART_COUNT", 0, 0, std::numeric_limits<int>::max());
   const char* agent = getenv("TORCHELASTIC_USE_AGENT_STORE");
   e.agent_store = agent != nullptr && (std::string(agent) == "True" || std::string(agent) == "1");
-  if (e.world > 1) {
-    const char* addr = getenv("MASTER_ADDR");
+  // A launcher's single rank (torchrun --nproc-per-node 1) still forms a group of one when it
+  // gives a master address: the collectives then run through c10d, as with more ranks.
+  const char* world_var = getenv("WORLD_SIZE");
+  const char* addr_var = getenv("MASTER_ADDR");
+  e.group = e.world > 1 || (world_var != nullptr && *world_var != '\0' && addr_var != nullptr && *addr_var != '\0');
+  if (e.group) {
+    const char* addr = addr_var;
     TORCH_CHECK(addr != nullptr && *addr != '\0',
                 "MASTER_ADDR: expected the address of rank 0's host for WORLD_SIZE ", e.world,
                 ", got nothing (torchrun sets it; by hand: MASTER_ADDR=127.0.0.1)");
@@ -79,8 +84,8 @@ DataParallel::DataParallel(const RankEnvironment& env, const std::string& device
                            std::chrono::milliseconds timeout)
     : env_(env), device_(device) {
   const bool cuda = device.rfind("cuda", 0) == 0;
-  if (cuda && env.world > 1) device_ = "cuda:" + std::to_string(env.local_rank);
-  if (env.world == 1) return;
+  if (cuda && env.group) device_ = "cuda:" + std::to_string(env.local_rank);
+  if (!env.group) return;
   TORCH_CHECK(timeout.count() > 0, "--dist-timeout: expected a positive number of seconds");
   impl_ = std::make_unique<Impl>();
   impl_->timeout = timeout;
@@ -154,7 +159,7 @@ void DataParallel::sum_gradients(const std::vector<torch::Tensor>& params, int64
     try {
       b.work->wait();
     } catch (const std::exception& e) {
-      TORCH_CHECK(false, "slowed_distill: the gradient sum across ranks failed on rank ", env_.rank, " of ",
+      TORCH_CHECK(false, "the gradient sum across ranks failed on rank ", env_.rank, " of ",
                   env_.world, " (a peer died or timed out): ", e.what());
     }
     int64_t off = 0;
@@ -232,7 +237,7 @@ struct DataParallel::Impl {};
 
 DataParallel::DataParallel(const RankEnvironment& env, const std::string& device, std::chrono::milliseconds)
     : env_(env), device_(device) {
-  TORCH_CHECK(env.world == 1, "WORLD_SIZE ", env.world,
+  TORCH_CHECK(!env.group, "WORLD_SIZE ", env.world,
               ": data parallelism needs LibTorch built with distributed support (USE_DISTRIBUTED)");
 }
 DataParallel::~DataParallel() = default;

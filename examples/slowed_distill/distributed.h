@@ -25,6 +25,9 @@ struct RankEnvironment {
   int master_port = 0;
   bool agent_store = false;  ///< torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE)
   int restart_count = 0;     ///< TORCHELASTIC_RESTART_COUNT
+  /// A c10d group is formed: world > 1, or WORLD_SIZE and MASTER_ADDR given (a launcher's
+  /// single rank). Otherwise one plain process.
+  bool group = false;
 };
 
 /// Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (and torchrun's
@@ -33,8 +36,8 @@ struct RankEnvironment {
 /// master address and port. No variables: one process.
 RankEnvironment read_rank_environment(const std::function<const char*(const char*)>& getenv);
 
-/// The ranks of one run and the collectives the trainer needs. With world 1 every collective is
-/// the identity and nothing is created.
+/// The ranks of one run and the collectives the trainer needs. Without a group (one plain
+/// process) every collective is the identity and nothing is created.
 class DataParallel {
  public:
   /// Joins the run described by `env` on `device` ("cpu": Gloo, "cuda": NCCL, the device index

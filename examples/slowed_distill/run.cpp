@@ -522,7 +522,7 @@ std::vector<EpochRecord> run(const RunConfig& cfg) {
           n_kept += mb.n_kept;
           check_interrupted(cfg);
         }
-        if (dp.world() > 1) {
+        {  // identities without a group
           dp.sum_gradients(trainable);
           const std::vector<double> total = dp.sum({loss_sum, double(n_valid), double(n_kept)});
           loss_sum = total[0];

@@ -7,6 +7,8 @@
 //   slowed::EntropyMaskedCrossEntropyOptions, slowed::EntropyMaskStats, slowed::token_entropy
 //   slowed::EntropyMaskedLinearCrossEntropy, slowed::entropy_masked_linear_cross_entropy,
 //   slowed::EntropyMaskedLinearCrossEntropyOptions (LM head fused with the loss)
+//   slowed::dist::Communicator, slowed::dist::GradientReduction (data parallelism; a c10d group
+//   is passed after #include <slowed/dist/process_group.h>, docs/distributed.md)
 
 #include <slowed/version.h>
 #include <slowed/loss/entropy_mask_stats.h>

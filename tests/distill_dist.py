@@ -6,8 +6,6 @@ tolerance and their evaluation counts and AdvBench samples are equal. Then the f
 a killed rank makes its peer exit with an error within the timeout, and bad rank variables,
 mismatched WORLD_SIZE or options are errors, never hangs.
 """
-import argparse
-import json
 import os
 import signal
 import socket
@@ -15,31 +13,11 @@ import subprocess
 import sys
 import time
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--bin", required=True)
-ap.add_argument("--python", required=True)
-ap.add_argument("--data", required=True)
-ap.add_argument("--model", required=True)
-ap.add_argument("--work", required=True)
-args = ap.parse_args()
+from distill_common import check, failures, parse_args, records, small_run
 
-for path, what in ((args.data + "/bbh/tasks", "data folder"), (args.model, "SmolLM2 GGUF")):
-    if not os.path.exists(path):
-        print(f"skipped: {what} {path} missing")
-        sys.exit(77)
-
-SMALL = ["--smoke", "--quiet", "--data", args.data, "--model", args.model,
-         "--tasks", "boolean_expressions,web_of_lies", "--train-per-task", "4", "--test-per-task", "2",
-         "--ood", "2", "--advbench", "5", "--max-new-tokens", "4", "--safety-new-tokens", "4",
-         "--max-len", "320", "--batch", "4", "--micro-batch", "1", "--eval-batch", "2",
-         "--modes", "base,slowed", "--no-checkpoints", "--dist-timeout", "20"]
-failures = []
-
-
-def check(cond, msg):
-    if not cond:
-        failures.append(msg)
-        print("FAIL:", msg)
+args = parse_args("--python")
+SMALL = small_run(args, train_per_task=4, test_per_task=2, ood=2, advbench=5, batch=4, micro_batch=1,
+                  eval_batch=2) + ["--modes", "base,slowed", "--no-checkpoints", "--dist-timeout", "20"]
 
 
 def free_port():
@@ -77,11 +55,6 @@ def wait_all(procs, limit):
             e += "\n<killed by the test: hung>"
         outs.append((p.returncode, o, e))
     return outs
-
-
-def records(out):
-    with open(os.path.join(out, "results.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def same_run(a, b, what):
@@ -147,6 +120,14 @@ for env, needle in ((dict(RANK="2"), "RANK: expected an integer in [0, 1]"),
     e.update(env)
     p = subprocess.run([args.bin, *SMALL, "--out", bad], env=e, capture_output=True, text=True, timeout=60)
     check(p.returncode == 2 and needle in p.stderr, f"{env}: exit {p.returncode}, stderr {p.stderr[-500:]}")
+
+# A dead rendezvous: rank 0 of 2 alone fails after --dist-timeout (5 s here), not hangs.
+t0 = time.time()
+e = rank_env(0, 2, free_port())
+p = subprocess.run([args.bin, *SMALL, "--out", bad, "--dist-timeout", "5"], env=e, capture_output=True,
+                   text=True, timeout=120)
+check(p.returncode == 2 and time.time() - t0 < 60,
+      f"rank 0 alone: exit {p.returncode} after {time.time() - t0:.0f} s\n{p.stderr[-800:]}")
 
 # Mismatched WORLD_SIZE (rank 1 believes in 3 ranks) and mismatched options: errors on every
 # rank within the timeout, not hangs.

@@ -5,7 +5,6 @@ checks that the outputs are well-formed, that --resume continues bit-identically
 2-epoch run resumed after epoch 1 equals an uninterrupted one, timings aside), and that bad
 paths give clear errors. Exits 77 (ctest: skipped) when the data or the model is missing.
 """
-import argparse
 import json
 import os
 import random
@@ -15,35 +14,15 @@ import subprocess
 import sys
 import time
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--bin", required=True)
-ap.add_argument("--data", required=True)
-ap.add_argument("--model", required=True)
-ap.add_argument("--work", required=True)
-args = ap.parse_args()
+from distill_common import check, failures, parse_args, records, small_run
 
-for path, what in ((args.data + "/bbh/tasks", "data folder"), (args.model, "SmolLM2 GGUF")):
-    if not os.path.exists(path):
-        print(f"skipped: {what} {path} missing")
-        sys.exit(77)
-
-SMALL = ["--smoke", "--quiet", "--data", args.data, "--model", args.model,
-         "--tasks", "boolean_expressions,web_of_lies", "--train-per-task", "3", "--test-per-task", "1",
-         "--ood", "1", "--advbench", "2", "--max-new-tokens", "4", "--safety-new-tokens", "4",
-         "--max-len", "320", "--batch", "3", "--micro-batch", "2", "--eval-batch", "4"]
+args = parse_args()
+SMALL = small_run(args, train_per_task=3, test_per_task=1, ood=1, advbench=2, batch=3, micro_batch=2,
+                  eval_batch=4)
 METRICS = ["bbh_accuracy", "arc_e_accuracy", "arc_c_accuracy", "agieval_accuracy", "safety_ratio",
            "safety_ratio_prefix"]
 FIELDS = (["mode", "epoch"] + [m + s for m in METRICS for s in ("", "_k", "_n", "_lo", "_hi")] +
           ["train_loss", "kept_fraction", "drift", "train_seconds", "eval_seconds", "peak_rss_mb", "device"])
-failures = []
-
-
-def check(cond, msg):
-    if not cond:
-        failures.append(msg)
-        print("FAIL:", msg)
-
-
 def run(out, *extra, expect=0):
     cmd = [args.bin, *SMALL, "--out", out, *extra]
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -51,11 +30,6 @@ def run(out, *extra, expect=0):
         print(p.stdout[-3000:], p.stderr[-3000:])
         sys.exit(f"{' '.join(cmd)}: exit {p.returncode}, expected {expect}")
     return p
-
-
-def records(out):
-    with open(os.path.join(out, "results.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 shutil.rmtree(args.work, ignore_errors=True)

@@ -1,5 +1,5 @@
 // Tests of SlowTuningOptimizer<Base> (Slow Tuning): golden trajectories from PyTorch's Python
-// optimizers (tests/golden/optim_trajectories.txt, written by scripts/gen_optim_golden.py),
+// optimizers (tests/golden/optim_trajectories.txt, written by tests/golden/gen_optim_golden.py),
 // exactness against Base, the bounds, save/load, schedulers, param groups, LBFGS, stats, option
 // validation and dtypes.
 //

@@ -1,9 +1,10 @@
 #pragma once
 
-// The double-precision Eigen oracle of entropy-masked cross-entropy, the tolerance table and the
-// comparison helpers, shared by the loss tests (test_loss.cpp) and the fused linear loss tests
-// (test_linear_loss.cpp). Formulas and tolerances: docs/numerics.md, "Loss". Test-only header:
-// everything has internal linkage.
+// The double-precision Eigen oracle of entropy-masked cross-entropy, the random inputs of the
+// oracle grids, the tolerance table and the comparison helpers, shared by the loss tests
+// (tests/test_loss.cpp) and the fused linear loss tests (tests/test_linear_loss.cpp). Formulas and
+// tolerances: docs/numerics.md, "Loss". Test-only header: everything has internal linkage. The
+// tests that include it link Eigen3::Eigen (tests/CMakeLists.txt).
 
 #include <catch2/catch.hpp>
 #include <slowed/slowed.h>
@@ -319,6 +320,95 @@ void set_robust_threshold(slowed::EntropyMaskedCrossEntropyOptions& o, slowed::T
     if (!ratio_is_robust(decision, q, exact_ties)) q = 0.0;
     o.mask_ratio(q);
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The rest of a grid case: options, reference entropies, upstream gradient, running backward.
+// Both grids draw from `rng` in the same order: inputs, then the reference entropies, then the
+// threshold (set_robust_threshold), then the upstream gradient.
+// ------------------------------------------------------------------------------------------------
+
+/// The options of a grid case: `ignore_index` and `reduction`, and the optional terms at the
+/// grids' values (label_smoothing 0.1, lse_square_scale 0.01, softcap 4).
+Opts grid_options(int64_t ignore_index, Reduction reduction, bool smoothing, bool zloss,
+                  bool softcap) {
+  Opts o;
+  o.ignore_index(ignore_index).reduction(reduction);
+  if (smoothing) o.label_smoothing(0.1);
+  if (zloss) o.lse_square_scale(0.01);
+  if (softcap) o.softcap(4.0);
+  return o;
+}
+
+/// Reference entropies as a float tensor of shape `lead` on `device` and as the oracle's values.
+struct ReferenceEntropies {
+  torch::Tensor tensor;
+  Vec values;
+};
+
+/// Distinct multiples of 1/16 (exact in fp32) in random order at the valid rows of `rows`; NaN at
+/// ignored tokens (they must be accepted there).
+ReferenceEntropies random_reference_entropies(std::mt19937_64& rng, const OracleRows& rows,
+                                              const Shape& lead, torch::Device device) {
+  const int64_t n = numel_of(lead);
+  std::vector<int64_t> perm(static_cast<size_t>(n));
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<double> r(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    r[size_t(i)] = rows.valid[size_t(i)] ? static_cast<double>(perm[size_t(i)] + 1) / 16.0 : kNaN;
+  ReferenceEntropies out;
+  out.tensor = tensor_from(r, lead, torch::kFloat, device);
+  out.values = Eigen::Map<Vec>(r.data(), n);
+  return out;
+}
+
+/// The keep-decision values of the valid rows, in row order: `reference` when given, else the
+/// rows' own entropies.
+std::vector<double> decision_values(const OracleRows& rows, const Vec* reference) {
+  std::vector<double> decision;
+  for (Eigen::Index i = 0; i < static_cast<Eigen::Index>(rows.valid.size()); ++i)
+    if (rows.valid[size_t(i)]) decision.push_back(reference ? (*reference)(i) : rows.entropy(i));
+  return decision;
+}
+
+/// The upstream gradient of a grid case, in the loss dtype on `device`: random in [-2, 2] per
+/// token for Reduction::None (`per_token` holds the rounded values), else 0.75 when `scaled`, else
+/// undefined (plain backward(), `scalar` 1).
+struct Upstream {
+  torch::Tensor tensor;
+  Vec per_token;
+  double scalar = 1.0;
+};
+
+Upstream random_upstream(std::mt19937_64& rng, Reduction reduction, bool scaled, const Shape& lead,
+                         torch::Dtype loss_dtype, torch::Device device) {
+  Upstream up;
+  if (reduction == Reduction::None) {
+    std::uniform_real_distribution<double> u(-2.0, 2.0);
+    std::vector<double> values(static_cast<size_t>(numel_of(lead)));
+    for (auto& x : values) x = u(rng);
+    up.tensor = tensor_from(values, lead, loss_dtype, device);
+    up.per_token = as_vector(up.tensor);
+  } else if (scaled) {
+    up.scalar = 0.75;
+    up.tensor = torch::full({}, up.scalar, torch::TensorOptions().dtype(loss_dtype).device(device));
+  }
+  return up;
+}
+
+/// backward() of `loss`, with `upstream` as its gradient when defined.
+void backward_with(const torch::Tensor& loss, const torch::Tensor& upstream) {
+  if (upstream.defined()) {
+    loss.backward(upstream);
+  } else {
+    loss.backward();
+  }
+}
+
+/// A fresh leaf copy of `t` that requires grad (undefined stays undefined).
+torch::Tensor leaf(const torch::Tensor& t) {
+  return t.defined() ? t.detach().clone().requires_grad_(true) : torch::Tensor();
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -260,17 +260,10 @@ void check_run(const LinRun& r, const LinearExpected& e, const LinearInputs& in,
   check_stats(r.stats, e.o, e.stats_tol, torch::kCPU, exact_threshold, key);
 }
 
-struct LinearCase {
-  Shape lead;
-  int64_t vocab = 3, dim = 1;
-  torch::Dtype dtype = torch::kFloat;
-  ThresholdMode mode = ThresholdMode::Absolute;
-  Reduction reduction = Reduction::MeanKept;
-  int64_t ignore_index = -100;
+struct LinearCase : LossGridCase {
+  int64_t dim = 1;
   int chunking = 0;  ///< 0: default budget (one chunk here), 1: 1 row, 2: 4 rows, 3: 5-row budget
-  bool bias = false, smoothing = false, zloss = false, softcap = false, reference = false;
-  bool int32_targets = false, scaled_upstream = false;
-  uint64_t seed = 0;
+  bool bias = false;
 
   std::string name() const {
     std::ostringstream os;
@@ -278,10 +271,7 @@ struct LinearCase {
     os << "hidden " << shape_name(with_vocab(lead, dim)) << ", V " << vocab << ' '
        << dtype_name(dtype) << ", " << (mode == ThresholdMode::Absolute ? "Absolute" : "Ratio")
        << ", " << reduction_name(reduction) << ", ignore_index " << ignore_index << ", "
-       << chunk_names[chunking] << (bias ? ", bias" : "") << (smoothing ? ", label_smoothing 0.1" : "")
-       << (zloss ? ", lse_square_scale 0.01" : "") << (softcap ? ", softcap 4" : "")
-       << (reference ? ", reference entropies" : "") << (int32_targets ? ", int32 targets" : "")
-       << (scaled_upstream ? ", upstream 0.75" : "") << ", seed " << seed;
+       << chunk_names[chunking] << (bias ? ", bias" : "") << terms_name() << inputs_name();
     return os.str();
   }
 };
@@ -304,7 +294,7 @@ void run_linear_case(const LinearCase& c) {
   LinearInputs in = make_inputs(rng, c.lead, v, c.dim, c.dtype, c.bias, c.ignore_index, c.int32_targets);
   const OracleLogits lg = oracle_logits(in, c.dtype);
 
-  Opts o = grid_options(c.ignore_index, c.reduction, c.smoothing, c.zloss, c.softcap);
+  Opts o = c.options();
   const OracleRows rows = oracle_rows(lg.x, in.t, o);
   ReferenceEntropies ref;
   if (c.reference) {
@@ -344,12 +334,10 @@ TEST_CASE("fused linear loss matches the double-precision oracle and the loss on
   const std::vector<Shape> leads = {{1}, {7}, {3, 5}, {2, 19}};
   const int64_t vocabs[] = {3, 130};
   const int64_t dims[] = {1, 24};
-  const std::vector<torch::Dtype> dtypes = {torch::kFloat, torch::kBFloat16, torch::kHalf,
-                                            torch::kDouble};
-  const ThresholdMode modes[] = {ThresholdMode::Absolute, ThresholdMode::Ratio};
-  const Reduction reductions[] = {Reduction::MeanKept, Reduction::MeanValid, Reduction::Sum,
-                                  Reduction::None};
-  const int64_t ignores[] = {-100, -1, 2};
+  const auto& dtypes = kGridDtypes;
+  const auto& modes = kGridModes;
+  const auto& reductions = kGridReductions;
+  const auto& ignores = kGridIgnoreIndices;
   uint64_t index = 0;
   for (const auto& lead : leads)
     for (int64_t v : vocabs)
@@ -360,21 +348,12 @@ TEST_CASE("fused linear loss matches the double-precision oracle and the loss on
               std::mt19937_64 flags(0x11EA0000ULL + index);
               std::bernoulli_distribution coin(0.5);
               LinearCase c;
-              c.lead = lead;
-              c.vocab = v;
+              c.set_point(lead, v, dtype, mode, red, ignores[index % 3]);
               c.dim = d;
-              c.dtype = dtype;
-              c.mode = mode;
-              c.reduction = red;
-              c.ignore_index = ignores[index % 3];
               c.chunking = static_cast<int>(index / 3 % 4);
               c.bias = coin(flags);
-              c.smoothing = coin(flags);
-              c.zloss = coin(flags);
-              c.softcap = coin(flags);
-              c.reference = coin(flags);
-              c.int32_targets = coin(flags);
-              c.scaled_upstream = coin(flags);
+              c.draw_terms(flags);
+              c.draw_inputs(flags);
               c.seed = 0x11EA11EAULL * 7 + index;
               ++index;
               run_linear_case(c);

@@ -125,26 +125,15 @@ void check_bitwise_equal_stats(const EntropyMaskStats& a, const EntropyMaskStats
 // The grid
 // ------------------------------------------------------------------------------------------------
 
-struct GridCase {
-  Shape lead;
-  int64_t vocab = 1;
-  torch::Dtype dtype = torch::kFloat;
-  ThresholdMode mode = ThresholdMode::Absolute;
-  Reduction reduction = Reduction::MeanKept;
-  int64_t ignore_index = -100;
-  bool smoothing = false, zloss = false, softcap = false, reference = false, inplace = false;
-  bool int32_targets = false, scaled_upstream = false;
-  uint64_t seed = 0;
+struct GridCase : LossGridCase {
+  bool inplace = false;
 
   std::string name() const {
     std::ostringstream os;
     os << "logits " << shape_name(with_vocab(lead, vocab)) << ' ' << dtype_name(dtype) << ", "
        << (mode == ThresholdMode::Absolute ? "Absolute" : "Ratio") << ", "
-       << reduction_name(reduction) << ", ignore_index " << ignore_index
-       << (smoothing ? ", label_smoothing 0.1" : "") << (zloss ? ", lse_square_scale 0.01" : "")
-       << (softcap ? ", softcap 4" : "") << (reference ? ", reference entropies" : "")
-       << (inplace ? ", +inplace_backward" : "") << (int32_targets ? ", int32 targets" : "")
-       << (scaled_upstream ? ", upstream 0.75" : "") << ", seed " << seed;
+       << reduction_name(reduction) << ", ignore_index " << ignore_index << terms_name()
+       << (inplace ? ", +inplace_backward" : "") << inputs_name();
     return os.str();
   }
 };
@@ -161,7 +150,7 @@ void run_grid_case(const GridCase& c, torch::Device device) {
   const torch::Tensor targets =
       targets_from(t, c.lead, c.int32_targets ? torch::kInt : torch::kLong, device);
 
-  Opts o = grid_options(c.ignore_index, c.reduction, c.smoothing, c.zloss, c.softcap);
+  Opts o = c.options();
   const OracleRows rows = oracle_rows(x, t, o);
 
   ReferenceEntropies ref;
@@ -209,12 +198,10 @@ void run_grid_case(const GridCase& c, torch::Device device) {
 void run_oracle_grid(torch::Device device) {
   const std::vector<Shape> leads = {{0}, {1}, {5}, {37}, {2, 0}, {1, 1}, {3, 5}, {2, 19}};
   const std::vector<int64_t> vocabs = {1, 3, 17, 130};
-  const std::vector<torch::Dtype> dtypes = {torch::kFloat, torch::kBFloat16, torch::kHalf,
-                                            torch::kDouble};
-  const ThresholdMode modes[] = {ThresholdMode::Absolute, ThresholdMode::Ratio};
-  const Reduction reductions[] = {Reduction::MeanKept, Reduction::MeanValid, Reduction::Sum,
-                                  Reduction::None};
-  const int64_t ignores[] = {-100, -1, 2};
+  const auto& dtypes = kGridDtypes;
+  const auto& modes = kGridModes;
+  const auto& reductions = kGridReductions;
+  const auto& ignores = kGridIgnoreIndices;
   uint64_t index = 0;
   for (const auto& lead : leads) {
     for (int64_t v : vocabs) {
@@ -224,19 +211,10 @@ void run_oracle_grid(torch::Device device) {
             std::mt19937_64 flags(0x51ED0000ULL + index);
             std::bernoulli_distribution coin(0.5);
             GridCase c;
-            c.lead = lead;
-            c.vocab = v;
-            c.dtype = dtype;
-            c.mode = mode;
-            c.reduction = red;
-            c.ignore_index = ignores[index % 3];
-            c.smoothing = coin(flags);
-            c.zloss = coin(flags);
-            c.softcap = coin(flags);
-            c.reference = coin(flags);
+            c.set_point(lead, v, dtype, mode, red, ignores[index % 3]);
+            c.draw_terms(flags);
             c.inplace = coin(flags);
-            c.int32_targets = coin(flags);
-            c.scaled_upstream = coin(flags);
+            c.draw_inputs(flags);
             c.seed = 0x10551055ULL * 31 + index;
             ++index;
             run_grid_case(c, device);

@@ -328,17 +328,75 @@ void set_robust_threshold(slowed::EntropyMaskedCrossEntropyOptions& o, slowed::T
 // threshold (set_robust_threshold), then the upstream gradient.
 // ------------------------------------------------------------------------------------------------
 
-/// The options of a grid case: `ignore_index` and `reduction`, and the optional terms at the
-/// grids' values (label_smoothing 0.1, lse_square_scale 0.01, softcap 4).
-Opts grid_options(int64_t ignore_index, Reduction reduction, bool smoothing, bool zloss,
-                  bool softcap) {
-  Opts o;
-  o.ignore_index(ignore_index).reduction(reduction);
-  if (smoothing) o.label_smoothing(0.1);
-  if (zloss) o.lse_square_scale(0.01);
-  if (softcap) o.softcap(4.0);
-  return o;
-}
+/// The dtypes, threshold modes, reductions and ignore_index values both grids run through (the
+/// ignore_index cycles with the case index; 2 is a real class index when V > 2).
+const std::vector<torch::Dtype> kGridDtypes = {torch::kFloat, torch::kBFloat16, torch::kHalf,
+                                               torch::kDouble};
+const std::vector<ThresholdMode> kGridModes = {ThresholdMode::Absolute, ThresholdMode::Ratio};
+const std::vector<Reduction> kGridReductions = {Reduction::MeanKept, Reduction::MeanValid,
+                                                Reduction::Sum, Reduction::None};
+const std::vector<int64_t> kGridIgnoreIndices = {-100, -1, 2};
+
+/// What a case of either grid has: the grid point (token shape, vocabulary, dtype, threshold mode,
+/// reduction, ignore_index), the flags drawn per case and the seed of its inputs.
+struct LossGridCase {
+  Shape lead;
+  int64_t vocab = 1;
+  torch::Dtype dtype = torch::kFloat;
+  ThresholdMode mode = ThresholdMode::Absolute;
+  Reduction reduction = Reduction::MeanKept;
+  int64_t ignore_index = -100;
+  bool smoothing = false, zloss = false, softcap = false, reference = false;
+  bool int32_targets = false, scaled_upstream = false;
+  uint64_t seed = 0;
+
+  void set_point(const Shape& lead_, int64_t vocab_, torch::Dtype dtype_, ThresholdMode mode_,
+                 Reduction reduction_, int64_t ignore_index_) {
+    lead = lead_;
+    vocab = vocab_;
+    dtype = dtype_;
+    mode = mode_;
+    reduction = reduction_;
+    ignore_index = ignore_index_;
+  }
+
+  /// Draws the optional terms and reference entropies (in that order, a fair coin each), and the
+  /// inputs' flags, from a case's `flags` generator.
+  void draw_terms(std::mt19937_64& flags) {
+    std::bernoulli_distribution coin(0.5);
+    smoothing = coin(flags);
+    zloss = coin(flags);
+    softcap = coin(flags);
+    reference = coin(flags);
+  }
+  void draw_inputs(std::mt19937_64& flags) {
+    std::bernoulli_distribution coin(0.5);
+    int32_targets = coin(flags);
+    scaled_upstream = coin(flags);
+  }
+
+  /// `ignore_index`, `reduction` and the optional terms at the grids' values (label_smoothing
+  /// 0.1, lse_square_scale 0.01, softcap 4); the threshold is set later (set_robust_threshold).
+  Opts options() const {
+    Opts o;
+    o.ignore_index(ignore_index).reduction(reduction);
+    if (smoothing) o.label_smoothing(0.1);
+    if (zloss) o.lse_square_scale(0.01);
+    if (softcap) o.softcap(4.0);
+    return o;
+  }
+
+  /// For the case names: the optional terms and reference entropies, and the inputs' flags and seed.
+  std::string terms_name() const {
+    return std::string(smoothing ? ", label_smoothing 0.1" : "") +
+           (zloss ? ", lse_square_scale 0.01" : "") + (softcap ? ", softcap 4" : "") +
+           (reference ? ", reference entropies" : "");
+  }
+  std::string inputs_name() const {
+    return std::string(int32_targets ? ", int32 targets" : "") +
+           (scaled_upstream ? ", upstream 0.75" : "") + ", seed " + std::to_string(seed);
+  }
+};
 
 /// Reference entropies as a float tensor of shape `lead` on `device` and as the oracle's values.
 struct ReferenceEntropies {

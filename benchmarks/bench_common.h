@@ -2,7 +2,8 @@
 
 // Shared helpers of the benchmark programs: timing (median of repeated runs, CUDA-synchronized),
 // peak extra memory (CUDA caching allocator stats, or a tracking CPU allocator), a printed
-// table and a JSON file. Benchmarks are programs, not tests.
+// table and a JSON file, argument parsing and the end of main (finish, fail). Benchmarks are
+// programs, not tests.
 
 #include <torch/torch.h>
 #include <c10/core/CPUAllocator.h>
@@ -232,6 +233,16 @@ inline void write_json(const std::string& path, const std::vector<Row>& rows) {
   f << "]\n";
 }
 
+/// The --dtype of a benchmark: float32, bfloat16 or (unless `allow_float16` is false) float16.
+inline torch::ScalarType parse_dtype(const std::string& s, bool allow_float16 = true) {
+  if (s == "float32") return torch::kFloat;
+  if (s == "bfloat16") return torch::kBFloat16;
+  if (allow_float16 && s == "float16") return torch::kHalf;
+  TORCH_CHECK(false, "--dtype: expected ",
+              allow_float16 ? "float32, bfloat16 or float16" : "float32 or bfloat16", ", got '", s,
+              "'");
+}
+
 /// Minimal "--key value" argument parsing with clear errors.
 class Args {
  public:
@@ -267,5 +278,27 @@ class Args {
   }
   std::map<std::string, std::string> values_;
 };
+
+/// The end of a benchmark's main: prints `rows` as a table, writes them to the file named by
+/// --json when one is, and returns main's exit status 0.
+inline int finish(const Args& args, const std::vector<Row>& rows) {
+  print_table(rows);
+  if (!args.str("json").empty()) write_json(args.str("json"), rows);
+  return 0;
+}
+
+/// For the handler of main's function-try-block, `catch (...) { return bench::fail("name"); }`:
+/// prints the c10::Error (without its backtrace) or std::exception in flight as "<program>:
+/// <message>" and returns exit status 2. Anything else is rethrown.
+inline int fail(const char* program) {
+  try {
+    throw;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "%s: %s\n", program, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: %s\n", program, e.what());
+  }
+  return 2;
+}
 
 }  // namespace bench

@@ -42,12 +42,6 @@ double median_ms(const torch::Device& device, int warmup, int iters,
   return ms[ms.size() / 2];
 }
 
-torch::Dtype parse_dtype(const std::string& s) {
-  if (s == "float32") return torch::kFloat32;
-  if (s == "bfloat16") return torch::kBFloat16;
-  TORCH_CHECK(false, "--dtype: expected float32 or bfloat16, got '", s, "'");
-}
-
 std::string default_model() {
   const char* home = std::getenv("HOME");
   return std::string(home ? home : ".") + "/.cache/slowed/models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -62,7 +56,7 @@ int main(int argc, char** argv) try {
                     {"iters", "3"}, {"warmup", "1"}, {"json", ""}});
   const torch::Device device(args.str("device"));
   if (args.i64("threads") > 0) at::set_num_threads(static_cast<int>(args.i64("threads")));
-  const auto dtype = parse_dtype(args.str("dtype"));
+  const auto dtype = bench::parse_dtype(args.str("dtype"), /*allow_float16=*/false);
   const int64_t b = args.i64("batch"), p = args.i64("prompt-len"), n = args.i64("new-tokens");
   TORCH_CHECK(b > 0 && p > 0 && n > 0, "--batch, --prompt-len and --new-tokens must be positive");
   TORCH_CHECK(args.i64("iters") > 0 && args.i64("warmup") >= 0, "--iters must be > 0, --warmup >= 0");
@@ -136,13 +130,7 @@ int main(int argc, char** argv) try {
       row("decode", decode_median, double(b * n), double(n)),
       row("generate", gen_ms, double(b * n), double(n)),
   };
-  bench::print_table(rows);
-  if (!args.str("json").empty()) bench::write_json(args.str("json"), rows);
-  return 0;
-} catch (const c10::Error& e) {
-  std::fprintf(stderr, "bench_generate: %s\n", e.what_without_backtrace());
-  return 2;
-} catch (const std::exception& e) {
-  std::fprintf(stderr, "bench_generate: %s\n", e.what());
-  return 2;
+  return bench::finish(args, rows);
+} catch (...) {
+  return bench::fail("bench_generate");
 }

@@ -33,13 +33,6 @@
 
 namespace {
 
-torch::ScalarType parse_dtype(const std::string& s) {
-  if (s == "float32") return torch::kFloat;
-  if (s == "bfloat16") return torch::kBFloat16;
-  if (s == "float16") return torch::kHalf;
-  TORCH_CHECK(false, "--dtype: expected float32, bfloat16 or float16, got '", s, "'");
-}
-
 /// A field of /proc/self/status in bytes (VmRSS, VmHWM); 0 where unavailable.
 double proc_status_bytes(const char* field) {
   std::ifstream f("/proc/self/status");
@@ -82,7 +75,7 @@ int main(int argc, char** argv) try {
   if (args.i64("threads") > 0) at::set_num_threads(static_cast<int>(args.i64("threads")));
   if (device.is_cpu()) bench::cpu_tracker();  // install before the inputs are allocated
   const int64_t n = args.i64("n"), d = args.i64("d"), v = args.i64("v");
-  const auto dtype = parse_dtype(args.str("dtype"));
+  const auto dtype = bench::parse_dtype(args.str("dtype"));
   const int iters = static_cast<int>(args.i64("iters")), warmup = static_cast<int>(args.i64("warmup"));
   const double kept = std::stod(args.str("kept"));
   auto opt = torch::TensorOptions().device(device);
@@ -179,13 +172,7 @@ int main(int argc, char** argv) try {
                {"threshold", tau}};
     rows.push_back(row);
   }
-  bench::print_table(rows);
-  if (!args.str("json").empty()) bench::write_json(args.str("json"), rows);
-  return 0;
-} catch (const c10::Error& e) {
-  std::fprintf(stderr, "bench_linear_loss: %s\n", e.what_without_backtrace());
-  return 2;
-} catch (const std::exception& e) {
-  std::fprintf(stderr, "bench_linear_loss: %s\n", e.what());
-  return 2;
+  return bench::finish(args, rows);
+} catch (...) {
+  return bench::fail("bench_linear_loss");
 }

@@ -19,13 +19,6 @@
 
 namespace {
 
-torch::ScalarType parse_dtype(const std::string& s) {
-  if (s == "float32") return torch::kFloat;
-  if (s == "bfloat16") return torch::kBFloat16;
-  if (s == "float16") return torch::kHalf;
-  TORCH_CHECK(false, "--dtype: expected float32, bfloat16 or float16, got '", s, "'");
-}
-
 // What a user writes without slowed: fp32 log_softmax, entropy under no_grad, masked nll mean.
 void aten_composite(const torch::Tensor& x, const torch::Tensor& y, double tau) {
   auto lp = torch::log_softmax(x.to(torch::kFloat), -1);
@@ -50,7 +43,7 @@ int main(int argc, char** argv) try {
   if (args.i64("threads") > 0) at::set_num_threads(static_cast<int>(args.i64("threads")));
   if (device.is_cpu()) bench::cpu_tracker();  // install before the inputs are allocated
   const int64_t n = args.i64("n"), v = args.i64("v");
-  const auto dtype = parse_dtype(args.str("dtype"));
+  const auto dtype = bench::parse_dtype(args.str("dtype"));
   const double tau = std::stod(args.str("threshold"));
   const int iters = static_cast<int>(args.i64("iters")), warmup = static_cast<int>(args.i64("warmup"));
 
@@ -122,13 +115,7 @@ int main(int argc, char** argv) try {
              {"speedup_vs_aten", aten_ms / m.median_ms}};
     rows.push_back(r);
   }
-  bench::print_table(rows);
-  if (!args.str("json").empty()) bench::write_json(args.str("json"), rows);
-  return 0;
-} catch (const c10::Error& e) {
-  std::fprintf(stderr, "bench_loss: %s\n", e.what_without_backtrace());
-  return 2;
-} catch (const std::exception& e) {
-  std::fprintf(stderr, "bench_loss: %s\n", e.what());
-  return 2;
+  return bench::finish(args, rows);
+} catch (...) {
+  return bench::fail("bench_loss");
 }

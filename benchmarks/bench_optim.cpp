@@ -202,13 +202,7 @@ int main(int argc, char** argv) try {
   }
   std::printf("device: %s, torch %s, %d threads\n", bench::device_name(device).c_str(),
               TORCH_VERSION, at::get_num_threads());
-  bench::print_table(rows);
-  if (!args.str("json").empty()) bench::write_json(args.str("json"), rows);
-  return 0;
-} catch (const c10::Error& e) {
-  std::fprintf(stderr, "bench_optim: %s\n", e.what_without_backtrace());
-  return 2;
-} catch (const std::exception& e) {
-  std::fprintf(stderr, "bench_optim: %s\n", e.what());
-  return 2;
+  return bench::finish(args, rows);
+} catch (...) {
+  return bench::fail("bench_optim");
 }

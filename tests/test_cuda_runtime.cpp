@@ -7,6 +7,8 @@
 #include <c10/core/StreamGuard.h>
 #include <torch/torch.h>
 
+#include "support/files.h"
+
 #include <dirent.h>
 #include <ftw.h>
 #include <sys/stat.h>
@@ -107,16 +109,6 @@ class WarningCollector : public c10::WarningHandler {
   void process(const c10::Warning& warning) override { messages.push_back(warning.msg()); }
   std::vector<std::string> messages;
 };
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-void write_file(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
 
 bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;
@@ -322,7 +314,7 @@ TEST_CASE("the disk cache returns identical bytes and rebuilds corrupt files", "
   CHECK(file.rfind(kernels_dir + "/smoke_scale_add-sm_90-", 0) == 0);
   CHECK(file.substr(file.size() - 6) == ".cubin");
   const std::string original = *cold.binary;
-  const std::string file_bytes = read_file(file);
+  const std::string file_bytes = read_bytes(file);
   CHECK(file_bytes.compare(0, 8, "SLOWEDK\n") == 0);
   CHECK(contains(file_bytes, original));
 
@@ -372,7 +364,7 @@ TEST_CASE("the disk cache returns identical bytes and rebuilds corrupt files", "
   };
   for (const auto& corruption : corruptions) {
     INFO(corruption.what);
-    write_file(file, corruption.damage(file_bytes));
+    write_bytes(file, corruption.damage(file_bytes));
     slowed::cuda::clear_compiled_binaries_in_memory();
     const auto stats_before = slowed::cuda::compile_stats();
     const auto rebuilt = slowed::cuda::compile_kernel(source, 9, 0, true);
@@ -380,7 +372,7 @@ TEST_CASE("the disk cache returns identical bytes and rebuilds corrupt files", "
     CHECK(contains(rebuilt.record.disk_cache_note, corruption.expected_note));
     CHECK(*rebuilt.binary == original);
     CHECK(slowed::cuda::compile_stats().disk_rejected == stats_before.disk_rejected + 1);
-    CHECK(read_file(file) == file_bytes);  // rewritten
+    CHECK(read_bytes(file) == file_bytes);  // rewritten
 
     slowed::cuda::clear_compiled_binaries_in_memory();
     const auto again = slowed::cuda::compile_kernel(source, 9, 0, true);
@@ -391,7 +383,7 @@ TEST_CASE("the disk cache returns identical bytes and rebuilds corrupt files", "
   // A file holding another key under this name (a hash collision) is a miss, not a hit.
   {
     const auto other = slowed::cuda::compile_kernel(source, 8, 0, true);
-    write_file(file, read_file(other.record.cache_path));
+    write_bytes(file, read_bytes(other.record.cache_path));
     slowed::cuda::clear_compiled_binaries_in_memory();
     const auto rebuilt = slowed::cuda::compile_kernel(source, 9, 0, true);
     CHECK(rebuilt.record.origin == CompileOrigin::Nvrtc);
@@ -443,7 +435,7 @@ TEST_CASE("child process: compile the smoke kernels into a shared cache", "[.cac
   REQUIRE(go != nullptr);
   REQUIRE(out != nullptr);
   while (!exists(go)) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  write_file(out, slowed::cuda::compile_to_binary(smoke(), 8, 6, true));
+  write_bytes(out, slowed::cuda::compile_to_binary(smoke(), 8, 6, true));
 }
 
 TEST_CASE("processes compiling the same kernel at once all succeed and leave one valid file",
@@ -476,7 +468,7 @@ TEST_CASE("processes compiling the same kernel at once all succeed and leave one
     }
     children.push_back(pid);
   }
-  write_file(go, "");
+  write_bytes(go, "");
   for (size_t i = 0; i < children.size(); ++i) {
     int status = 0;
     REQUIRE(::waitpid(children[i], &status, 0) == children[i]);
@@ -484,9 +476,9 @@ TEST_CASE("processes compiling the same kernel at once all succeed and leave one
     CHECK(WIFEXITED(status));
     CHECK(WEXITSTATUS(status) == 0);
   }
-  const std::string first = read_file(outs[0]);
+  const std::string first = read_bytes(outs[0]);
   CHECK(is_elf(first));
-  for (const auto& out : outs) CHECK(read_file(out) == first);
+  for (const auto& out : outs) CHECK(read_bytes(out) == first);
   std::vector<std::string> names;
   for (const auto& name : list_dir(cache.dir.path() + "/kernels")) names.push_back(name);
   REQUIRE(names.size() == 1);  // one cache file, no temporary files left
@@ -498,7 +490,7 @@ TEST_CASE("processes compiling the same kernel at once all succeed and leave one
 TEST_CASE("an unwritable cache folder warns once and compiles without a disk cache", "[cpu]") {
   TempDir dir;
   const std::string blocker = dir.path() + "/a_file";
-  write_file(blocker, "not a folder");
+  write_bytes(blocker, "not a folder");
   ScopedEnv env("SLOWED_CACHE_DIR", blocker + "/cache");  // mkdir fails: ENOTDIR
   slowed::cuda::clear_compiled_binaries_in_memory();
   WarningCollector warnings;

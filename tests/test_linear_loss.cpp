@@ -1,9 +1,9 @@
 // Tests of EntropyMaskedLinearCrossEntropy (LM head fused with entropy-masked cross-entropy).
 //
 // The library is checked against
-//   * the double-precision Eigen oracle of loss_oracle.h applied to logits X = H·Wᵀ + b formed in
-//     fp64 from the (rounded) inputs, with d_hidden = G·W, dW = Gᵀ·H, db = Gᵀ·1 from the oracle's
-//     d loss / d logits G; over a seeded grid of shapes, vocabulary and hidden sizes, dtypes,
+//   * the double-precision Eigen oracle of support/loss_oracle.h applied to logits X = H·Wᵀ + b
+//     formed in fp64 from the (rounded) inputs, with d_hidden = G·W, dW = Gᵀ·H, db = Gᵀ·1 from the
+//     oracle's d loss / d logits G; over a seeded grid of shapes, vocabulary and hidden sizes, dtypes,
 //     threshold modes, reductions (None with a random upstream gradient), chunkings (1 row, rows
 //     not dividing N, a memory budget, one chunk), bias or not, and the loss options;
 //   * EntropyMaskedCrossEntropy on materialized logits (hidden.matmul(weight.t()) + bias), held to
@@ -17,7 +17,8 @@
 #include <torch/torch.h>
 #include <Eigen/Dense>
 
-#include "loss_oracle.h"
+#include "support/common.h"
+#include "support/loss_oracle.h"
 // The benchmarks' tracking CPU allocator measures the peak memory of a call.
 #include "../benchmarks/bench_common.h"
 
@@ -104,44 +105,36 @@ struct LinRun {
   EntropyMaskStats stats;
 };
 
-torch::Tensor leaf(const torch::Tensor& t) {
-  return t.defined() ? t.detach().clone().requires_grad_(true) : torch::Tensor();
-}
-
-void run_backward(const torch::Tensor& loss, const torch::Tensor& upstream) {
-  if (upstream.defined()) {
-    loss.backward(upstream);
-  } else {
-    loss.backward();
-  }
-}
-
-LinRun run_fused(const LinearInputs& in, const LOpts& o, const torch::Tensor& upstream) {
+/// One forward + backward of `loss_of(hidden, weight, bias, stats)` on fresh leaf copies of the
+/// inputs. `upstream` undefined: backward().
+template <class LossOf>
+LinRun run_linear(const LinearInputs& in, const torch::Tensor& upstream, LossOf&& loss_of) {
   torch::Tensor h = leaf(in.hidden), w = leaf(in.weight), b = leaf(in.bias);
   LinRun r;
-  torch::Tensor loss =
-      slowed::entropy_masked_linear_cross_entropy(h, w, in.targets, o, b, in.reference, &r.stats);
+  torch::Tensor loss = loss_of(h, w, b, &r.stats);
   r.loss = loss.detach().clone();
-  run_backward(loss, upstream);
+  backward_with(loss, upstream);
   r.d_hidden = h.grad();
   r.d_weight = w.grad();
   if (b.defined()) r.d_bias = b.grad();
   return r;
+}
+
+LinRun run_fused(const LinearInputs& in, const LOpts& o, const torch::Tensor& upstream) {
+  return run_linear(in, upstream, [&](const torch::Tensor& h, const torch::Tensor& w,
+                                      const torch::Tensor& b, EntropyMaskStats* stats) {
+    return slowed::entropy_masked_linear_cross_entropy(h, w, in.targets, o, b, in.reference, stats);
+  });
 }
 
 /// The same loss on materialized logits, with autograd through the matmul.
 LinRun run_materialized(const LinearInputs& in, const Opts& o, const torch::Tensor& upstream) {
-  torch::Tensor h = leaf(in.hidden), w = leaf(in.weight), b = leaf(in.bias);
-  LinRun r;
-  torch::Tensor logits = h.matmul(w.t());
-  if (b.defined()) logits = logits + b;
-  torch::Tensor loss = slowed::entropy_masked_cross_entropy(logits, in.targets, o, in.reference, &r.stats);
-  r.loss = loss.detach().clone();
-  run_backward(loss, upstream);
-  r.d_hidden = h.grad();
-  r.d_weight = w.grad();
-  if (b.defined()) r.d_bias = b.grad();
-  return r;
+  return run_linear(in, upstream, [&](const torch::Tensor& h, const torch::Tensor& w,
+                                      const torch::Tensor& b, EntropyMaskStats* stats) {
+    torch::Tensor logits = h.matmul(w.t());
+    if (b.defined()) logits = logits + b;
+    return slowed::entropy_masked_cross_entropy(logits, in.targets, o, in.reference, stats);
+  });
 }
 
 /// What the oracle expects, with elementwise tolerances (docs/numerics.md, "Fused linear loss").
@@ -267,17 +260,10 @@ void check_run(const LinRun& r, const LinearExpected& e, const LinearInputs& in,
   check_stats(r.stats, e.o, e.stats_tol, torch::kCPU, exact_threshold, key);
 }
 
-struct LinearCase {
-  Shape lead;
-  int64_t vocab = 3, dim = 1;
-  torch::Dtype dtype = torch::kFloat;
-  ThresholdMode mode = ThresholdMode::Absolute;
-  Reduction reduction = Reduction::MeanKept;
-  int64_t ignore_index = -100;
+struct LinearCase : LossGridCase {
+  int64_t dim = 1;
   int chunking = 0;  ///< 0: default budget (one chunk here), 1: 1 row, 2: 4 rows, 3: 5-row budget
-  bool bias = false, smoothing = false, zloss = false, softcap = false, reference = false;
-  bool int32_targets = false, scaled_upstream = false;
-  uint64_t seed = 0;
+  bool bias = false;
 
   std::string name() const {
     std::ostringstream os;
@@ -285,10 +271,7 @@ struct LinearCase {
     os << "hidden " << shape_name(with_vocab(lead, dim)) << ", V " << vocab << ' '
        << dtype_name(dtype) << ", " << (mode == ThresholdMode::Absolute ? "Absolute" : "Ratio")
        << ", " << reduction_name(reduction) << ", ignore_index " << ignore_index << ", "
-       << chunk_names[chunking] << (bias ? ", bias" : "") << (smoothing ? ", label_smoothing 0.1" : "")
-       << (zloss ? ", lse_square_scale 0.01" : "") << (softcap ? ", softcap 4" : "")
-       << (reference ? ", reference entropies" : "") << (int32_targets ? ", int32 targets" : "")
-       << (scaled_upstream ? ", upstream 0.75" : "") << ", seed " << seed;
+       << chunk_names[chunking] << (bias ? ", bias" : "") << terms_name() << inputs_name();
     return os.str();
   }
 };
@@ -311,49 +294,27 @@ void run_linear_case(const LinearCase& c) {
   LinearInputs in = make_inputs(rng, c.lead, v, c.dim, c.dtype, c.bias, c.ignore_index, c.int32_targets);
   const OracleLogits lg = oracle_logits(in, c.dtype);
 
-  Opts o;
-  o.ignore_index(c.ignore_index).reduction(c.reduction);
-  if (c.smoothing) o.label_smoothing(0.1);
-  if (c.zloss) o.lse_square_scale(0.01);
-  if (c.softcap) o.softcap(4.0);
+  Opts o = c.options();
   const OracleRows rows = oracle_rows(lg.x, in.t, o);
-  Vec ref;
+  ReferenceEntropies ref;
   if (c.reference) {
-    std::vector<int64_t> perm(static_cast<size_t>(n));
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), rng);
-    std::vector<double> r(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i)
-      r[size_t(i)] = rows.valid[size_t(i)] ? static_cast<double>(perm[size_t(i)] + 1) / 16.0 : kNaN;
-    in.reference = tensor_from(r, c.lead, torch::kFloat, torch::kCPU);
-    ref = Eigen::Map<Vec>(r.data(), n);
+    ref = random_reference_entropies(rng, rows, c.lead, torch::kCPU);
+    in.reference = ref.tensor;
   }
-  std::vector<double> decision;
-  for (int64_t i = 0; i < n; ++i)
-    if (rows.valid[size_t(i)]) decision.push_back(c.reference ? ref(i) : rows.entropy(i));
-  set_robust_threshold(o, c.mode, decision, /*exact_ties=*/v == 1 && !c.reference, rng);
+  set_robust_threshold(o, c.mode, decision_values(rows, c.reference ? &ref.values : nullptr),
+                       /*exact_ties=*/v == 1 && !c.reference, rng);
 
-  torch::Tensor upstream;
-  Vec up;
-  double scalar_up = 1.0;
-  if (c.reduction == Reduction::None) {
-    std::uniform_real_distribution<double> u(-2.0, 2.0);
-    std::vector<double> values(static_cast<size_t>(n));
-    for (auto& x : values) x = u(rng);
-    upstream = tensor_from(values, c.lead, loss_dtype_for(c.dtype), torch::kCPU);
-    up = as_vector(upstream);
-  } else if (c.scaled_upstream) {
-    scalar_up = 0.75;
-    upstream = torch::full({}, scalar_up, torch::TensorOptions().dtype(loss_dtype_for(c.dtype)));
-  }
+  const Upstream up = random_upstream(rng, c.reduction, c.scaled_upstream, c.lead,
+                                      loss_dtype_for(c.dtype), torch::kCPU);
+  const torch::Tensor& upstream = up.tensor;
 
   const LOpts lo = chunked(o, c.chunking, v, c.dim, c.dtype);
   const int64_t rows_per_chunk = slowed::detail::linear_ce_chunk_rows(
       n, v, c.dim, c10::elementSize(c.dtype), false, lo.chunk_memory_budget(), lo.chunk_rows());
   const int64_t chunks = (std::max<int64_t>(n, 1) + rows_per_chunk - 1) / rows_per_chunk;
-  const LinearExpected e = expected_for(in, lg, o, c.reference ? &ref : nullptr,
-                                        c.reduction == Reduction::None ? &up : nullptr, scalar_up,
-                                        c.dtype, chunks);
+  const LinearExpected e = expected_for(in, lg, o, c.reference ? &ref.values : nullptr,
+                                        c.reduction == Reduction::None ? &up.per_token : nullptr,
+                                        up.scalar, c.dtype, chunks);
   for (bool reference_path : {false, true}) {
     INFO((reference_path ? "use_reference(true)" : "default path"));
     LOpts l = lo;
@@ -373,12 +334,10 @@ TEST_CASE("fused linear loss matches the double-precision oracle and the loss on
   const std::vector<Shape> leads = {{1}, {7}, {3, 5}, {2, 19}};
   const int64_t vocabs[] = {3, 130};
   const int64_t dims[] = {1, 24};
-  const std::vector<torch::Dtype> dtypes = {torch::kFloat, torch::kBFloat16, torch::kHalf,
-                                            torch::kDouble};
-  const ThresholdMode modes[] = {ThresholdMode::Absolute, ThresholdMode::Ratio};
-  const Reduction reductions[] = {Reduction::MeanKept, Reduction::MeanValid, Reduction::Sum,
-                                  Reduction::None};
-  const int64_t ignores[] = {-100, -1, 2};
+  const auto& dtypes = kGridDtypes;
+  const auto& modes = kGridModes;
+  const auto& reductions = kGridReductions;
+  const auto& ignores = kGridIgnoreIndices;
   uint64_t index = 0;
   for (const auto& lead : leads)
     for (int64_t v : vocabs)
@@ -389,21 +348,12 @@ TEST_CASE("fused linear loss matches the double-precision oracle and the loss on
               std::mt19937_64 flags(0x11EA0000ULL + index);
               std::bernoulli_distribution coin(0.5);
               LinearCase c;
-              c.lead = lead;
-              c.vocab = v;
+              c.set_point(lead, v, dtype, mode, red, ignores[index % 3]);
               c.dim = d;
-              c.dtype = dtype;
-              c.mode = mode;
-              c.reduction = red;
-              c.ignore_index = ignores[index % 3];
               c.chunking = static_cast<int>(index / 3 % 4);
               c.bias = coin(flags);
-              c.smoothing = coin(flags);
-              c.zloss = coin(flags);
-              c.softcap = coin(flags);
-              c.reference = coin(flags);
-              c.int32_targets = coin(flags);
-              c.scaled_upstream = coin(flags);
+              c.draw_terms(flags);
+              c.draw_inputs(flags);
               c.seed = 0x11EA11EAULL * 7 + index;
               ++index;
               run_linear_case(c);
@@ -626,10 +576,7 @@ TEST_CASE("fused linear loss: bad arguments are c10::Errors naming the argument"
 }
 
 TEST_CASE("fused linear loss on CUDA matches the CPU", "[cuda]") {
-  if (!torch::cuda::is_available()) {
-    WARN("no CUDA device: skipped");
-    return;
-  }
+  if (!cuda_or_warn()) return;
   const torch::Device dev(torch::kCUDA, 0);
   for (torch::Dtype dtype : {torch::kFloat, torch::kBFloat16}) {
     for (bool ratio : {false, true}) {
@@ -652,7 +599,7 @@ TEST_CASE("fused linear loss on CUDA matches the CPU", "[cuda]") {
                       b = in.bias.to(dev).requires_grad_(true);
         slowed::EntropyMaskStats st;
         torch::Tensor loss = slowed::entropy_masked_linear_cross_entropy(h, w, in.targets.to(dev), lo, b, {}, &st);
-        run_backward(loss, upstream.defined() ? upstream.to(dev) : upstream);
+        backward_with(loss, upstream.defined() ? upstream.to(dev) : upstream);
         const double tol = dtype == torch::kFloat ? 1e-4 : 5e-2;
         CHECK(st.num_kept.item<int64_t>() == cpu.stats.num_kept.item<int64_t>());
         CHECK(torch::allclose(loss.detach().cpu(), cpu.loss, tol, tol));

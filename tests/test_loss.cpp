@@ -1,21 +1,22 @@
 // Tests of EntropyMaskedCrossEntropy (Low-Entropy Masking).
 //
 // The library is checked against
-//   * an independent double-precision oracle written with Eigen in loss_oracle.h (no ATen
+//   * an independent double-precision oracle written with Eigen in support/loss_oracle.h (no ATen
 //     arithmetic): the loss, d loss / d logits (with arbitrary upstream gradients) and the
 //     statistics, over a seeded grid of shapes, dtypes, threshold modes, reductions and options;
 //   * PyTorch's own cross_entropy when nothing is masked;
 //   * properties (all masked, empty input, determinism, reference entropies, in-place backward)
 //     and the error contract (c10::Error naming the argument).
 // The tolerances and why they are what they are: docs/numerics.md, "Loss: tolerances". Keep the
-// `tolerance_for` table in loss_oracle.h and that table in step.
+// `tolerance_for` table in support/loss_oracle.h and that table in step.
 
 #include <catch2/catch.hpp>
 #include <slowed/slowed.h>
 #include <torch/torch.h>
 #include <Eigen/Dense>
 
-#include "loss_oracle.h"
+#include "support/common.h"
+#include "support/loss_oracle.h"
 
 #include <algorithm>
 #include <cmath>
@@ -46,16 +47,12 @@ struct LibRun {
 /// One forward + backward on a fresh leaf copy of `logits`. `upstream` undefined: backward().
 LibRun run_library(const torch::Tensor& logits, const torch::Tensor& targets, const Opts& o,
                    const torch::Tensor& reference, const torch::Tensor& upstream) {
-  torch::Tensor leaf = logits.detach().clone().requires_grad_(true);
+  torch::Tensor x = leaf(logits);
   LibRun r;
-  torch::Tensor loss = slowed::entropy_masked_cross_entropy(leaf, targets, o, reference, &r.stats);
+  torch::Tensor loss = slowed::entropy_masked_cross_entropy(x, targets, o, reference, &r.stats);
   r.loss = loss.detach().clone();
-  if (upstream.defined()) {
-    loss.backward(upstream);
-  } else {
-    loss.backward();
-  }
-  r.grad = leaf.grad();
+  backward_with(loss, upstream);
+  r.grad = x.grad();
   return r;
 }
 
@@ -128,26 +125,15 @@ void check_bitwise_equal_stats(const EntropyMaskStats& a, const EntropyMaskStats
 // The grid
 // ------------------------------------------------------------------------------------------------
 
-struct GridCase {
-  Shape lead;
-  int64_t vocab = 1;
-  torch::Dtype dtype = torch::kFloat;
-  ThresholdMode mode = ThresholdMode::Absolute;
-  Reduction reduction = Reduction::MeanKept;
-  int64_t ignore_index = -100;
-  bool smoothing = false, zloss = false, softcap = false, reference = false, inplace = false;
-  bool int32_targets = false, scaled_upstream = false;
-  uint64_t seed = 0;
+struct GridCase : LossGridCase {
+  bool inplace = false;
 
   std::string name() const {
     std::ostringstream os;
     os << "logits " << shape_name(with_vocab(lead, vocab)) << ' ' << dtype_name(dtype) << ", "
        << (mode == ThresholdMode::Absolute ? "Absolute" : "Ratio") << ", "
-       << reduction_name(reduction) << ", ignore_index " << ignore_index
-       << (smoothing ? ", label_smoothing 0.1" : "") << (zloss ? ", lse_square_scale 0.01" : "")
-       << (softcap ? ", softcap 4" : "") << (reference ? ", reference entropies" : "")
-       << (inplace ? ", +inplace_backward" : "") << (int32_targets ? ", int32 targets" : "")
-       << (scaled_upstream ? ", upstream 0.75" : "") << ", seed " << seed;
+       << reduction_name(reduction) << ", ignore_index " << ignore_index << terms_name()
+       << (inplace ? ", +inplace_backward" : "") << inputs_name();
     return os.str();
   }
 };
@@ -164,51 +150,22 @@ void run_grid_case(const GridCase& c, torch::Device device) {
   const torch::Tensor targets =
       targets_from(t, c.lead, c.int32_targets ? torch::kInt : torch::kLong, device);
 
-  Opts o;
-  o.ignore_index(c.ignore_index).reduction(c.reduction);
-  if (c.smoothing) o.label_smoothing(0.1);
-  if (c.zloss) o.lse_square_scale(0.01);
-  if (c.softcap) o.softcap(4.0);
+  Opts o = c.options();
   const OracleRows rows = oracle_rows(x, t, o);
 
-  // Reference entropies: distinct multiples of 1/16 (exact in fp32) in random order; NaN at
-  // ignored tokens (they must be accepted there).
-  Vec ref;
-  torch::Tensor reference;
-  if (c.reference) {
-    std::vector<int64_t> perm(static_cast<size_t>(n));
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), rng);
-    std::vector<double> r(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i)
-      r[size_t(i)] = rows.valid[size_t(i)] ? static_cast<double>(perm[size_t(i)] + 1) / 16.0 : kNaN;
-    reference = tensor_from(r, c.lead, torch::kFloat, device);
-    ref = Eigen::Map<Vec>(r.data(), n);
-  }
-  std::vector<double> decision;
-  for (int64_t i = 0; i < n; ++i)
-    if (rows.valid[size_t(i)]) decision.push_back(c.reference ? ref(i) : rows.entropy(i));
-
-  set_robust_threshold(o, c.mode, decision, /*exact_ties=*/v == 1 && !c.reference, rng);
+  ReferenceEntropies ref;
+  if (c.reference) ref = random_reference_entropies(rng, rows, c.lead, device);
+  const torch::Tensor& reference = ref.tensor;
+  set_robust_threshold(o, c.mode, decision_values(rows, c.reference ? &ref.values : nullptr),
+                       /*exact_ties=*/v == 1 && !c.reference, rng);
 
   // Upstream gradient: random per token for None, 1 or 0.75 otherwise.
-  torch::Tensor upstream;
-  Vec up;
-  double scalar_up = 1.0;
-  const torch::Dtype ldt = loss_dtype_for(c.dtype);
-  if (c.reduction == Reduction::None) {
-    std::uniform_real_distribution<double> u(-2.0, 2.0);
-    std::vector<double> values(static_cast<size_t>(n));
-    for (auto& x_ : values) x_ = u(rng);
-    upstream = tensor_from(values, c.lead, ldt, device);
-    up = as_vector(upstream);
-  } else if (c.scaled_upstream) {
-    scalar_up = 0.75;
-    upstream = torch::full({}, scalar_up, torch::TensorOptions().dtype(ldt).device(device));
-  }
+  const Upstream up =
+      random_upstream(rng, c.reduction, c.scaled_upstream, c.lead, loss_dtype_for(c.dtype), device);
+  const torch::Tensor& upstream = up.tensor;
 
-  const OracleResult ora = oracle(x, t, o, c.reference ? &ref : nullptr,
-                                  c.reduction == Reduction::None ? &up : nullptr, scalar_up);
+  const OracleResult ora = oracle(x, t, o, c.reference ? &ref.values : nullptr,
+                                  c.reduction == Reduction::None ? &up.per_token : nullptr, up.scalar);
   const bool exact_threshold = c.reference;  // reference values are fp32 already
 
   // Both the default path (fused kernel where one serves the call) and the plain-ATen reference.
@@ -241,12 +198,10 @@ void run_grid_case(const GridCase& c, torch::Device device) {
 void run_oracle_grid(torch::Device device) {
   const std::vector<Shape> leads = {{0}, {1}, {5}, {37}, {2, 0}, {1, 1}, {3, 5}, {2, 19}};
   const std::vector<int64_t> vocabs = {1, 3, 17, 130};
-  const std::vector<torch::Dtype> dtypes = {torch::kFloat, torch::kBFloat16, torch::kHalf,
-                                            torch::kDouble};
-  const ThresholdMode modes[] = {ThresholdMode::Absolute, ThresholdMode::Ratio};
-  const Reduction reductions[] = {Reduction::MeanKept, Reduction::MeanValid, Reduction::Sum,
-                                  Reduction::None};
-  const int64_t ignores[] = {-100, -1, 2};
+  const auto& dtypes = kGridDtypes;
+  const auto& modes = kGridModes;
+  const auto& reductions = kGridReductions;
+  const auto& ignores = kGridIgnoreIndices;
   uint64_t index = 0;
   for (const auto& lead : leads) {
     for (int64_t v : vocabs) {
@@ -256,19 +211,10 @@ void run_oracle_grid(torch::Device device) {
             std::mt19937_64 flags(0x51ED0000ULL + index);
             std::bernoulli_distribution coin(0.5);
             GridCase c;
-            c.lead = lead;
-            c.vocab = v;
-            c.dtype = dtype;
-            c.mode = mode;
-            c.reduction = red;
-            c.ignore_index = ignores[index % 3];
-            c.smoothing = coin(flags);
-            c.zloss = coin(flags);
-            c.softcap = coin(flags);
-            c.reference = coin(flags);
+            c.set_point(lead, v, dtype, mode, red, ignores[index % 3]);
+            c.draw_terms(flags);
             c.inplace = coin(flags);
-            c.int32_targets = coin(flags);
-            c.scaled_upstream = coin(flags);
+            c.draw_inputs(flags);
             c.seed = 0x10551055ULL * 31 + index;
             ++index;
             run_grid_case(c, device);
@@ -451,10 +397,7 @@ TEST_CASE("loss, gradient and stats match the double-precision oracle over the g
 
 TEST_CASE("loss, gradient and stats on CUDA match the double-precision oracle over the grid",
           "[cuda]") {
-  if (!torch::cuda::is_available()) {
-    WARN("no CUDA device: skipped");
-    return;
-  }
+  if (!cuda_or_warn()) return;
   run_oracle_grid(torch::Device(torch::kCUDA, 0));
 }
 
@@ -465,10 +408,7 @@ TEST_CASE("loss, gradient and stats on CUDA match the double-precision oracle ov
 TEST_CASE("all tokens masked gives zero loss and zero grad", "[cpu]") { check_all_masked(torch::kCPU); }
 
 TEST_CASE("all tokens masked on CUDA gives zero loss and zero grad", "[cuda]") {
-  if (!torch::cuda::is_available()) {
-    WARN("no CUDA device: skipped");
-    return;
-  }
+  if (!cuda_or_warn()) return;
   check_all_masked(torch::Device(torch::kCUDA, 0));
 }
 
@@ -477,10 +417,7 @@ TEST_CASE("empty input (N = 0) gives zero loss, an empty gradient and zero stats
 }
 
 TEST_CASE("empty input on CUDA gives zero loss, an empty gradient and zero stats", "[cuda]") {
-  if (!torch::cuda::is_available()) {
-    WARN("no CUDA device: skipped");
-    return;
-  }
+  if (!cuda_or_warn()) return;
   check_empty(torch::Device(torch::kCUDA, 0));
 }
 
@@ -658,10 +595,7 @@ TEST_CASE("two calls give bitwise identical loss, gradient and stats", "[cpu]") 
 }
 
 TEST_CASE("two calls on CUDA give bitwise identical loss, gradient and stats", "[cuda]") {
-  if (!torch::cuda::is_available()) {
-    WARN("no CUDA device: skipped");
-    return;
-  }
+  if (!cuda_or_warn()) return;
   check_determinism(torch::Device(torch::kCUDA, 0));
 }
 
@@ -1184,10 +1118,7 @@ TEST_CASE("option setters reject bad values with c10::Error naming the option", 
 }
 
 TEST_CASE("logits and targets on different devices throw c10::Error naming targets", "[cuda]") {
-  if (!torch::cuda::is_available()) {
-    WARN("no CUDA device: skipped");
-    return;
-  }
+  if (!cuda_or_warn()) return;
   const torch::Tensor logits = torch::randn({4, 5}, torch::Device(torch::kCUDA, 0));
   const torch::Tensor targets = torch::tensor({0, 1, 2, 3});
   REQUIRE_THROWS_AS(slowed::entropy_masked_cross_entropy(logits, targets), c10::Error);

@@ -10,6 +10,8 @@
 #include "common/json.h"
 #include "common/model.h"
 #include "common/safetensors.h"
+#include "support/common.h"
+#include "support/files.h"
 
 #include <ftw.h>
 #include <unistd.h>
@@ -56,10 +58,6 @@ const json::Value& model_entry(const json::Value& man, const std::string& name) 
   throw;  // unreachable
 }
 
-double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
-  return (a.to(torch::kFloat64).cpu() - b.to(torch::kFloat64).cpu()).abs().max().item<double>();
-}
-
 std::vector<int64_t> row_ids(const torch::Tensor& ids2d, int64_t row, const torch::Tensor& mask) {
   std::vector<int64_t> out;
   auto r = ids2d[row];
@@ -88,15 +86,6 @@ struct TempDir {
     return c;
   }
 };
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
 
 // Greedy generation reference rows: new tokens up to -1.
 std::vector<std::vector<int64_t>> expected_generations(const torch::Tensor& out) {

@@ -1,5 +1,5 @@
 // Tests of SlowTuningOptimizer<Base> (Slow Tuning): golden trajectories from PyTorch's Python
-// optimizers (tests/golden/optim_trajectories.txt, written by scripts/gen_optim_golden.py),
+// optimizers (tests/golden/optim_trajectories.txt, written by tests/golden/gen_optim_golden.py),
 // exactness against Base, the bounds, save/load, schedulers, param groups, LBFGS, stats, option
 // validation and dtypes.
 //
@@ -22,14 +22,15 @@
 
 #include <slowed/slowed.h>
 #include <torch/torch.h>
-#include <unistd.h>
 
 #include <catch2/catch.hpp>
+
+#include "support/common.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -272,12 +273,6 @@ void check_golden_trajectories(torch::Device device) {
   }
 }
 
-bool cuda_or_warn() {
-  if (torch::cuda::is_available()) return true;
-  WARN("CUDA is not available: skipped");
-  return false;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
@@ -290,12 +285,6 @@ std::vector<torch::Tensor> random_params(torch::Dtype dtype, uint64_t seed,
                       .to(device, dtype)
                       .requires_grad_(true));
   }
-  return out;
-}
-
-std::vector<torch::Tensor> clone_params(const std::vector<torch::Tensor>& ps) {
-  std::vector<torch::Tensor> out;
-  for (const auto& p : ps) out.push_back(p.detach().clone().requires_grad_(true));
   return out;
 }
 
@@ -318,22 +307,6 @@ std::vector<torch::Tensor> snapshot(const std::vector<torch::Tensor>& ps) {
   for (const auto& p : ps) out.push_back(p.detach().clone());
   return out;
 }
-
-double norm64(const torch::Tensor& t) {
-  return torch::linalg_vector_norm(t.detach().to(torch::kCPU, torch::kDouble), 2, c10::nullopt,
-                                   false, c10::nullopt)
-      .item<double>();
-}
-
-/// A file path for this test process, removed at scope exit.
-struct TempFile {
-  std::string path;
-  explicit TempFile(const std::string& name)
-      : path((std::filesystem::temp_directory_path() /
-              ("slowed_test_optim_" + std::to_string(::getpid()) + "_" + name))
-                 .string()) {}
-  ~TempFile() { std::remove(path.c_str()); }
-};
 
 struct CapturedWarnings : c10::WarningHandler {
   std::vector<std::string> messages;

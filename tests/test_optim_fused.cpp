@@ -15,14 +15,15 @@
 
 #include <slowed/slowed.h>
 #include <torch/torch.h>
-#include <unistd.h>
 
 #include <catch2/catch.hpp>
+
+#include "support/common.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <functional>
 #include <memory>
 #include <string>
@@ -91,12 +92,6 @@ std::vector<torch::Tensor> make_params(torch::Dtype dtype, uint64_t seed, torch:
   for (const auto& shape : shapes()) {
     out.push_back(torch::randn(shape, torch::kDouble).to(device, dtype).requires_grad_(true));
   }
-  return out;
-}
-
-std::vector<torch::Tensor> clone_params(const std::vector<torch::Tensor>& ps) {
-  std::vector<torch::Tensor> out;
-  for (const auto& p : ps) out.push_back(p.detach().clone().requires_grad_(true));
   return out;
 }
 
@@ -210,13 +205,11 @@ std::vector<Mode> modes() {
   return m;
 }
 
-bool cuda_or_warn() {
-  if (torch::cuda::is_available()) {
-    setenv("SLOWED_CUDA_KERNELS", "1", 1);
-    return true;
-  }
-  WARN("CUDA is not available: skipped");
-  return false;
+/// cuda_or_warn(), and the CUDA kernels switched on (SLOWED_CUDA_KERNELS=1) when there is a GPU.
+bool cuda_kernels_or_warn() {
+  if (!cuda_or_warn()) return false;
+  setenv("SLOWED_CUDA_KERNELS", "1", 1);
+  return true;
 }
 
 void adam_grid(torch::Device device) {
@@ -270,20 +263,6 @@ void generic_grid(torch::Device device) {
   }
 }
 
-// Bound checks on the fused paths themselves (not only agreement with the reference).
-double norm64(const torch::Tensor& t) {
-  return t.detach().to(torch::kCPU, torch::kDouble).norm().item<double>();
-}
-
-struct TempFile {
-  std::string path;
-  explicit TempFile(const std::string& name)
-      : path((std::filesystem::temp_directory_path() /
-              ("slowed_fused_" + std::to_string(::getpid()) + "_" + name))
-                 .string()) {}
-  ~TempFile() { std::remove(path.c_str()); }
-};
-
 }  // namespace
 
 // =============================================================================================
@@ -311,12 +290,12 @@ TEST_CASE("the generic path matches the reference path for SGD, RMSprop and an A
 }
 
 TEST_CASE("the Adam path matches the reference path on CUDA", "[cuda]") {
-  if (!cuda_or_warn()) return;
+  if (!cuda_kernels_or_warn()) return;
   adam_grid(torch::Device(torch::kCUDA));
 }
 
 TEST_CASE("the generic path matches the reference path on CUDA", "[cuda]") {
-  if (!cuda_or_warn()) return;
+  if (!cuda_kernels_or_warn()) return;
   generic_grid(torch::Device(torch::kCUDA));
   // float16 parameters are served by the CUDA kernels too.
   REQUIRE(compare_paths<optim::SGD>(optim::SGDOptions(0.05).momentum(0.9),

@@ -13,6 +13,8 @@
 #include "common/model.h"
 #include "common/safetensors.h"
 #include "common/tokenizer.h"
+#include "support/common.h"
+#include "support/files.h"
 
 #include <algorithm>
 #include <fstream>
@@ -43,47 +45,6 @@ bool reference_available(json::Value& man) {
 std::vector<int64_t> row(const torch::Tensor& t) {
   auto c = t.to(torch::kLong).contiguous();
   return {c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel()};
-}
-
-std::string unescape(const std::string& s) {  // make_tokenizer_fixtures.py's escaping
-  std::string out;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] != '\\' || i + 1 >= s.size()) {
-      out += s[i];
-      continue;
-    }
-    const char e = s[++i];
-    if (e == 'n') out += '\n';
-    else if (e == 'r') out += '\r';
-    else if (e == 't') out += '\t';
-    else if (e == '\\') out += '\\';
-    else if (e == 'x') {
-      out += static_cast<char>(std::stoi(s.substr(i + 1, 2), nullptr, 16));
-      i += 2;
-    } else {
-      FAIL("bad escape \\" << e);
-    }
-  }
-  return out;
-}
-
-std::vector<std::string> read_lines(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  REQUIRE(f.good());
-  std::vector<std::string> lines;
-  for (std::string line; std::getline(f, line);) lines.push_back(line);
-  return lines;
-}
-
-std::vector<int32_t> parse_ids(const std::string& line) {
-  std::vector<int32_t> ids;
-  const char* p = line.c_str();
-  char* end = nullptr;
-  for (long v = std::strtol(p, &end, 10); end != p; v = std::strtol(p, &end, 10)) {
-    ids.push_back(static_cast<int32_t>(v));
-    p = end;
-  }
-  return ids;
 }
 
 // The model is loaded once for the test cases below (dequantizing 491 MB takes seconds).
@@ -136,7 +97,7 @@ TEST_CASE("Qwen2.5-Coder-0.5B GGUF logits match transformers' GGUF loader", "[cp
     auto expected = ref.tensor("logits_" + std::to_string(i));
     auto logits = qwen().model->forward(ids);
     REQUIRE(logits.sizes() == expected.sizes());
-    const double diff = (logits.to(torch::kFloat64) - expected.to(torch::kFloat64)).abs().max().item<double>();
+    const double diff = max_abs_diff(logits, expected);
     const double scale = expected.abs().max().item<double>();
     INFO("max |diff| " << diff << " (logits up to " << scale << ")");
     // Both dequantize the same blocks exactly to fp32; what remains is float32 summation order
@@ -210,13 +171,13 @@ TEST_CASE("Qwen2.5-Coder-0.5B GGUF tokenizer equals tokenizers' on the data text
     return;
   }
   const auto texts = read_lines(kDir + "/texts.data.txt");
-  const auto ids = read_lines(kDir + "/qwen.data.ids");
+  const auto ids = read_ids(kDir + "/qwen.data.ids");
   REQUIRE(texts.size() == ids.size());
   REQUIRE(static_cast<int64_t>(texts.size()) == man["data_texts"].as_int());
   int64_t bad = 0, tokens = 0;
   for (size_t i = 0; i < texts.size(); ++i) {
     const auto ours = tok.encode(unescape(texts[i]), /*add_special_tokens=*/true);
-    const auto want = parse_ids(ids[i]);
+    const auto& want = ids[i];
     tokens += static_cast<int64_t>(ours.size());
     if (ours != want && ++bad <= 3)
       UNSCOPED_INFO("text " << i << " differs: '" << texts[i].substr(0, 160) << "'");

@@ -7,6 +7,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "support/files.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -24,60 +26,6 @@ namespace {
 const std::string kDir = std::string(SLOWED_TEST_FIXTURE_DIR) + "/tokenizer";
 
 bool file_exists(const std::string& p) { return std::ifstream(p).good(); }
-
-std::vector<std::string> read_lines(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  REQUIRE(f.good());
-  std::vector<std::string> lines;
-  for (std::string line; std::getline(f, line);) lines.push_back(line);
-  return lines;
-}
-
-std::string unescape(const std::string& s) {
-  std::string out;
-  out.reserve(s.size());
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] != '\\' || i + 1 >= s.size()) {
-      out += s[i];
-      continue;
-    }
-    char e = s[++i];
-    switch (e) {
-      case 'n': out += '\n'; break;
-      case 'r': out += '\r'; break;
-      case 't': out += '\t'; break;
-      case '\\': out += '\\'; break;
-      case 'x': out += static_cast<char>(std::stoi(s.substr(i + 1, 2), nullptr, 16)); i += 2; break;
-      default: FAIL("bad escape \\" << e);
-    }
-  }
-  return out;
-}
-
-std::vector<int32_t> parse_ids(const std::string& line) {
-  std::vector<int32_t> ids;
-  const char* p = line.c_str();
-  char* end = nullptr;
-  while (*p) {
-    long v = std::strtol(p, &end, 10);
-    if (end == p) break;
-    ids.push_back(static_cast<int32_t>(v));
-    p = end;
-  }
-  return ids;
-}
-
-std::vector<std::vector<int32_t>> read_ids(const std::string& path) {
-  std::vector<std::vector<int32_t>> out;
-  for (const auto& l : read_lines(path)) out.push_back(parse_ids(l));
-  return out;
-}
-
-std::vector<std::string> read_texts(const std::string& path) {
-  std::vector<std::string> out;
-  for (const auto& l : read_lines(path)) out.push_back(unescape(l));
-  return out;
-}
 
 std::map<std::string, std::string> meta() {
   std::map<std::string, std::string> m;

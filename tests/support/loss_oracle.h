@@ -1,9 +1,10 @@
 #pragma once
 
-// The double-precision Eigen oracle of entropy-masked cross-entropy, the tolerance table and the
-// comparison helpers, shared by the loss tests (test_loss.cpp) and the fused linear loss tests
-// (test_linear_loss.cpp). Formulas and tolerances: docs/numerics.md, "Loss". Test-only header:
-// everything has internal linkage.
+// The double-precision Eigen oracle of entropy-masked cross-entropy, the random inputs of the
+// oracle grids, the tolerance table and the comparison helpers, shared by the loss tests
+// (tests/test_loss.cpp) and the fused linear loss tests (tests/test_linear_loss.cpp). Formulas and
+// tolerances: docs/numerics.md, "Loss". Test-only header: everything has internal linkage. The
+// tests that include it link Eigen3::Eigen (tests/CMakeLists.txt).
 
 #include <catch2/catch.hpp>
 #include <slowed/slowed.h>
@@ -319,6 +320,153 @@ void set_robust_threshold(slowed::EntropyMaskedCrossEntropyOptions& o, slowed::T
     if (!ratio_is_robust(decision, q, exact_ties)) q = 0.0;
     o.mask_ratio(q);
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The rest of a grid case: options, reference entropies, upstream gradient, running backward.
+// Both grids draw from `rng` in the same order: inputs, then the reference entropies, then the
+// threshold (set_robust_threshold), then the upstream gradient.
+// ------------------------------------------------------------------------------------------------
+
+/// The dtypes, threshold modes, reductions and ignore_index values both grids run through (the
+/// ignore_index cycles with the case index; 2 is a real class index when V > 2).
+const std::vector<torch::Dtype> kGridDtypes = {torch::kFloat, torch::kBFloat16, torch::kHalf,
+                                               torch::kDouble};
+const std::vector<ThresholdMode> kGridModes = {ThresholdMode::Absolute, ThresholdMode::Ratio};
+const std::vector<Reduction> kGridReductions = {Reduction::MeanKept, Reduction::MeanValid,
+                                                Reduction::Sum, Reduction::None};
+const std::vector<int64_t> kGridIgnoreIndices = {-100, -1, 2};
+
+/// What a case of either grid has: the grid point (token shape, vocabulary, dtype, threshold mode,
+/// reduction, ignore_index), the flags drawn per case and the seed of its inputs.
+struct LossGridCase {
+  Shape lead;
+  int64_t vocab = 1;
+  torch::Dtype dtype = torch::kFloat;
+  ThresholdMode mode = ThresholdMode::Absolute;
+  Reduction reduction = Reduction::MeanKept;
+  int64_t ignore_index = -100;
+  bool smoothing = false, zloss = false, softcap = false, reference = false;
+  bool int32_targets = false, scaled_upstream = false;
+  uint64_t seed = 0;
+
+  void set_point(const Shape& lead_, int64_t vocab_, torch::Dtype dtype_, ThresholdMode mode_,
+                 Reduction reduction_, int64_t ignore_index_) {
+    lead = lead_;
+    vocab = vocab_;
+    dtype = dtype_;
+    mode = mode_;
+    reduction = reduction_;
+    ignore_index = ignore_index_;
+  }
+
+  /// Draws the optional terms and reference entropies (in that order, a fair coin each), and the
+  /// inputs' flags, from a case's `flags` generator.
+  void draw_terms(std::mt19937_64& flags) {
+    std::bernoulli_distribution coin(0.5);
+    smoothing = coin(flags);
+    zloss = coin(flags);
+    softcap = coin(flags);
+    reference = coin(flags);
+  }
+  void draw_inputs(std::mt19937_64& flags) {
+    std::bernoulli_distribution coin(0.5);
+    int32_targets = coin(flags);
+    scaled_upstream = coin(flags);
+  }
+
+  /// `ignore_index`, `reduction` and the optional terms at the grids' values (label_smoothing
+  /// 0.1, lse_square_scale 0.01, softcap 4); the threshold is set later (set_robust_threshold).
+  Opts options() const {
+    Opts o;
+    o.ignore_index(ignore_index).reduction(reduction);
+    if (smoothing) o.label_smoothing(0.1);
+    if (zloss) o.lse_square_scale(0.01);
+    if (softcap) o.softcap(4.0);
+    return o;
+  }
+
+  /// For the case names: the optional terms and reference entropies, and the inputs' flags and seed.
+  std::string terms_name() const {
+    return std::string(smoothing ? ", label_smoothing 0.1" : "") +
+           (zloss ? ", lse_square_scale 0.01" : "") + (softcap ? ", softcap 4" : "") +
+           (reference ? ", reference entropies" : "");
+  }
+  std::string inputs_name() const {
+    return std::string(int32_targets ? ", int32 targets" : "") +
+           (scaled_upstream ? ", upstream 0.75" : "") + ", seed " + std::to_string(seed);
+  }
+};
+
+/// Reference entropies as a float tensor of shape `lead` on `device` and as the oracle's values.
+struct ReferenceEntropies {
+  torch::Tensor tensor;
+  Vec values;
+};
+
+/// Distinct multiples of 1/16 (exact in fp32) in random order at the valid rows of `rows`; NaN at
+/// ignored tokens (they must be accepted there).
+ReferenceEntropies random_reference_entropies(std::mt19937_64& rng, const OracleRows& rows,
+                                              const Shape& lead, torch::Device device) {
+  const int64_t n = numel_of(lead);
+  std::vector<int64_t> perm(static_cast<size_t>(n));
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<double> r(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    r[size_t(i)] = rows.valid[size_t(i)] ? static_cast<double>(perm[size_t(i)] + 1) / 16.0 : kNaN;
+  ReferenceEntropies out;
+  out.tensor = tensor_from(r, lead, torch::kFloat, device);
+  out.values = Eigen::Map<Vec>(r.data(), n);
+  return out;
+}
+
+/// The keep-decision values of the valid rows, in row order: `reference` when given, else the
+/// rows' own entropies.
+std::vector<double> decision_values(const OracleRows& rows, const Vec* reference) {
+  std::vector<double> decision;
+  for (Eigen::Index i = 0; i < static_cast<Eigen::Index>(rows.valid.size()); ++i)
+    if (rows.valid[size_t(i)]) decision.push_back(reference ? (*reference)(i) : rows.entropy(i));
+  return decision;
+}
+
+/// The upstream gradient of a grid case, in the loss dtype on `device`: random in [-2, 2] per
+/// token for Reduction::None (`per_token` holds the rounded values), else 0.75 when `scaled`, else
+/// undefined (plain backward(), `scalar` 1).
+struct Upstream {
+  torch::Tensor tensor;
+  Vec per_token;
+  double scalar = 1.0;
+};
+
+Upstream random_upstream(std::mt19937_64& rng, Reduction reduction, bool scaled, const Shape& lead,
+                         torch::Dtype loss_dtype, torch::Device device) {
+  Upstream up;
+  if (reduction == Reduction::None) {
+    std::uniform_real_distribution<double> u(-2.0, 2.0);
+    std::vector<double> values(static_cast<size_t>(numel_of(lead)));
+    for (auto& x : values) x = u(rng);
+    up.tensor = tensor_from(values, lead, loss_dtype, device);
+    up.per_token = as_vector(up.tensor);
+  } else if (scaled) {
+    up.scalar = 0.75;
+    up.tensor = torch::full({}, up.scalar, torch::TensorOptions().dtype(loss_dtype).device(device));
+  }
+  return up;
+}
+
+/// backward() of `loss`, with `upstream` as its gradient when defined.
+void backward_with(const torch::Tensor& loss, const torch::Tensor& upstream) {
+  if (upstream.defined()) {
+    loss.backward(upstream);
+  } else {
+    loss.backward();
+  }
+}
+
+/// A fresh leaf copy of `t` that requires grad (undefined stays undefined).
+torch::Tensor leaf(const torch::Tensor& t) {
+  return t.defined() ? t.detach().clone().requires_grad_(true) : torch::Tensor();
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -238,20 +238,10 @@ torch::Tensor gguf_bloom_qkv_to_hf(const torch::Tensor& w, int64_t n_head) {
 }
 
 const Architecture& bloom_architecture() {
-  static const Architecture a = [] {
-    Architecture r;
-    r.name = "bloom";
-    r.hf_classes = {"BloomForCausalLM"};
-    r.rope = false;  // ALiBi
-    r.config_from_hf = bloom_from_hf;
-    r.config_from_gguf = bloom_from_gguf;
-    r.validate = bloom_validate;
-    r.gguf_attention_tensors = bloom_gguf_attention_tensors;
-    r.make = make_model<BloomForCausalLM>;
-    r.gguf_tensor_name = bloom_gguf_tensor_name;
-    r.gguf_fix_up = bloom_gguf_fix_up;
-    return r;
-  }();
+  static const Architecture a{"bloom", {"BloomForCausalLM"}, /*rope=*/false,  // ALiBi
+                              bloom_from_hf, bloom_from_gguf, bloom_validate,
+                              bloom_gguf_attention_tensors, make_model<BloomForCausalLM>,
+                              bloom_gguf_tensor_name, bloom_gguf_fix_up};
   return a;
 }
 

@@ -30,7 +30,8 @@ struct GgufBlockTensor {
   const char* from;  // the metadata the shape follows from, for the message
 };
 
-/// Everything the loaders and ModelConfig know about one architecture.
+/// Everything the loaders and ModelConfig know about one architecture (an aggregate: a model
+/// file writes its record as {name, hf_classes, rope, config_from_hf, ...} in this order).
 struct Architecture {
   /// config.json's model_type and GGUF's general.architecture ("llama").
   std::string name;

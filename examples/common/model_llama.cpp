@@ -302,8 +302,7 @@ std::string llama_gguf_tensor_name(const std::string& hf) {
                                                {"mlp.down_proj", "ffn_down"}});
 }
 
-// llama.cpp permutes Q/K rows for its RoPE layout; undo it for rotate_half. (Qwen2 GGUFs are not
-// permuted: llama.cpp uses its NeoX rotation for them.)
+// llama.cpp permutes Q/K rows for its RoPE layout; undo it for rotate_half.
 torch::Tensor llama_gguf_fix_up(const std::string& g, torch::Tensor t, const ModelConfig& c) {
   if (g.find(".attn_q.") != std::string::npos) t = gguf_unpermute_qk(t, c.num_heads);
   if (g.find(".attn_k.") != std::string::npos) t = gguf_unpermute_qk(t, c.num_kv_heads);
@@ -328,32 +327,20 @@ torch::Tensor gguf_unpermute_qk(const torch::Tensor& w, int64_t n_head) {
 }
 
 const Architecture& llama_architecture() {
-  static const Architecture a = [] {
-    Architecture r;
-    r.name = "llama";
-    r.hf_classes = {"LlamaForCausalLM"};
-    r.config_from_hf = llama_from_hf;
-    r.config_from_gguf = llama_from_gguf;
-    r.gguf_attention_tensors = llama_gguf_attention_tensors;
-    r.make = make_model<LlamaForCausalLM>;
-    r.gguf_tensor_name = llama_gguf_tensor_name;
-    r.gguf_fix_up = llama_gguf_fix_up;
-    return r;
-  }();
+  static const Architecture a{"llama", {"LlamaForCausalLM"}, /*rope=*/true, llama_from_hf,
+                              llama_from_gguf, /*validate=*/nullptr, llama_gguf_attention_tensors,
+                              make_model<LlamaForCausalLM>, llama_gguf_tensor_name,
+                              llama_gguf_fix_up};
   return a;
 }
 
 // Qwen2 is Llama with bias on q/k/v: the same modules and tensor names, its own config.json
-// fields, and no Q/K permutation in its GGUFs.
+// fields, and no Q/K permutation in its GGUFs (llama.cpp uses its NeoX rotation for them).
 const Architecture& qwen2_architecture() {
-  static const Architecture a = [] {
-    Architecture r = llama_architecture();
-    r.name = "qwen2";
-    r.hf_classes = {"Qwen2ForCausalLM"};
-    r.config_from_hf = qwen2_from_hf;
-    r.gguf_fix_up = nullptr;
-    return r;
-  }();
+  static const Architecture a{"qwen2", {"Qwen2ForCausalLM"}, /*rope=*/true, qwen2_from_hf,
+                              llama_from_gguf, /*validate=*/nullptr, llama_gguf_attention_tensors,
+                              make_model<LlamaForCausalLM>, llama_gguf_tensor_name,
+                              /*gguf_fix_up=*/nullptr};
   return a;
 }
 

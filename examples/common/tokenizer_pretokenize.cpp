@@ -152,6 +152,24 @@ void apply_split(const PreTokStep& st, const std::vector<Piece>& in, std::vector
     auto emit = [&](size_t b, size_t e) {
       if (e > b) out.push_back(p.substr(b, e - b));
     };
+    // Emits runs of consecutive parts: a part joins the open run when join(the part is a match,
+    // the run began with a match).
+    auto emit_runs = [&](auto join) {
+      size_t b = 0, e = 0;
+      bool open = false, open_is_match = false;
+      for (auto& x : parts) {
+        if (open && join(x.second, open_is_match)) {
+          e = x.first.second;
+        } else {
+          if (open) emit(b, e);
+          b = x.first.first;
+          e = x.first.second;
+          open = true;
+          open_is_match = x.second;
+        }
+      }
+      if (open) emit(b, e);
+    };
     switch (st.behavior) {
       case SplitBehavior::Isolated:
         for (auto& x : parts) emit(x.first.first, x.first.second);
@@ -160,23 +178,10 @@ void apply_split(const PreTokStep& st, const std::vector<Piece>& in, std::vector
         for (auto& x : parts)
           if (!x.second) emit(x.first.first, x.first.second);
         break;
-      case SplitBehavior::MergedWithPrevious: {
+      case SplitBehavior::MergedWithPrevious:
         // A match joins the piece before it.
-        size_t b = 0, e = 0;
-        bool open = false;
-        for (auto& x : parts) {
-          if (x.second && open) {
-            e = x.first.second;
-          } else {
-            if (open) emit(b, e);
-            b = x.first.first;
-            e = x.first.second;
-            open = true;
-          }
-        }
-        if (open) emit(b, e);
+        emit_runs([](bool match, bool) { return match; });
         break;
-      }
       case SplitBehavior::MergedWithNext: {
         // A match joins the piece after it.
         size_t b = 0;
@@ -193,24 +198,10 @@ void apply_split(const PreTokStep& st, const std::vector<Piece>& in, std::vector
         if (pending) emit(b, p.size());
         break;
       }
-      case SplitBehavior::Contiguous: {
+      case SplitBehavior::Contiguous:
         // Consecutive matches form one piece.
-        size_t b = 0, e = 0;
-        bool open = false, open_is_match = false;
-        for (auto& x : parts) {
-          if (open && x.second && open_is_match) {
-            e = x.first.second;
-          } else {
-            if (open) emit(b, e);
-            b = x.first.first;
-            e = x.first.second;
-            open = true;
-            open_is_match = x.second;
-          }
-        }
-        if (open) emit(b, e);
+        emit_runs([](bool match, bool run_is_match) { return match && run_is_match; });
         break;
-      }
     }
   }
 }

@@ -584,6 +584,15 @@ const GgufValue& expect_array(const GgufValue& v, const std::string& path,
   return v;
 }
 
+// The elements of an array value, each through `convert` (which checks its type).
+template <typename T, typename Convert>
+std::vector<T> map_elems(const GgufValue& array, Convert convert) {
+  std::vector<T> out;
+  out.reserve(array.elems.size());
+  for (const auto& e : array.elems) out.push_back(convert(e));
+  return out;
+}
+
 }  // namespace
 
 std::string GgufFile::get_string(const std::string& key) const {
@@ -610,26 +619,17 @@ std::vector<std::string> GgufFile::get_string_array(const std::string& key) cons
   const GgufValue& v = expect_array(value(key), path_, key, "STRING");
   TORCH_CHECK(v.elem_type == GgufType::STRING, "GGUF file '", path_, "': key '", key,
               "': expected an array of STRING, got an array of ", gguf_type_name(v.elem_type));
-  std::vector<std::string> out;
-  out.reserve(v.elems.size());
-  for (const auto& e : v.elems) out.push_back(e.s);
-  return out;
+  return map_elems<std::string>(v, [](const GgufValue& e) { return e.s; });
 }
 
 std::vector<int64_t> GgufFile::get_int_array(const std::string& key) const {
   const GgufValue& v = expect_array(value(key), path_, key, "integers");
-  std::vector<int64_t> out;
-  out.reserve(v.elems.size());
-  for (const auto& e : v.elems) out.push_back(as_int(e, path_, key));
-  return out;
+  return map_elems<int64_t>(v, [&](const GgufValue& e) { return as_int(e, path_, key); });
 }
 
 std::vector<double> GgufFile::get_float_array(const std::string& key) const {
   const GgufValue& v = expect_array(value(key), path_, key, "floats");
-  std::vector<double> out;
-  out.reserve(v.elems.size());
-  for (const auto& e : v.elems) out.push_back(as_float(e, path_, key));
-  return out;
+  return map_elems<double>(v, [&](const GgufValue& e) { return as_float(e, path_, key); });
 }
 
 int64_t GgufFile::get_int_or(const std::string& key, int64_t fallback) const {

@@ -286,6 +286,13 @@ class Parser {
       ++pos_;
   }
 
+  // Steps over `c` when it is the next character.
+  bool consume(char c) {
+    if (pos_ >= s_.size() || s_[pos_] != c) return false;
+    ++pos_;
+    return true;
+  }
+
   bool consume_literal(const char* lit) {
     size_t n = std::char_traits<char>::length(lit);
     if (s_.compare(pos_, n, lit) == 0) {
@@ -322,29 +329,19 @@ class Parser {
     ++pos_;  // '{'
     std::vector<Member> members;
     skip_ws();
-    if (pos_ < s_.size() && s_[pos_] == '}') {
-      ++pos_;
-      return Value::make_object(std::move(members));
-    }
+    if (consume('}')) return Value::make_object(std::move(members));
     while (true) {
       skip_ws();
       if (pos_ >= s_.size() || s_[pos_] != '"') fail("'\"' starting an object key");
       std::string key = parse_string();
       skip_ws();
-      if (pos_ >= s_.size() || s_[pos_] != ':') fail("':' after an object key");
-      ++pos_;
+      if (!consume(':')) fail("':' after an object key");
       skip_ws();
       Value v = parse_value(depth + 1);
       members.emplace_back(std::move(key), std::move(v));
       skip_ws();
-      if (pos_ < s_.size() && s_[pos_] == ',') {
-        ++pos_;
-        continue;
-      }
-      if (pos_ < s_.size() && s_[pos_] == '}') {
-        ++pos_;
-        break;
-      }
+      if (consume(',')) continue;
+      if (consume('}')) break;
       fail("',' or '}' in an object");
     }
     return Value::make_object(std::move(members));
@@ -354,22 +351,13 @@ class Parser {
     ++pos_;  // '['
     std::vector<Value> items;
     skip_ws();
-    if (pos_ < s_.size() && s_[pos_] == ']') {
-      ++pos_;
-      return Value::make_array(std::move(items));
-    }
+    if (consume(']')) return Value::make_array(std::move(items));
     while (true) {
       skip_ws();
       items.push_back(parse_value(depth + 1));
       skip_ws();
-      if (pos_ < s_.size() && s_[pos_] == ',') {
-        ++pos_;
-        continue;
-      }
-      if (pos_ < s_.size() && s_[pos_] == ']') {
-        ++pos_;
-        break;
-      }
+      if (consume(',')) continue;
+      if (consume(']')) break;
       fail("',' or ']' in an array");
     }
     return Value::make_array(std::move(items));

@@ -43,7 +43,7 @@ struct RopeScaling {
 };
 
 struct ModelConfig {
-  std::string architecture;  // "llama", "qwen2" or "bloom"
+  std::string architecture;  // "llama", "qwen2" or "bloom" (the records of model_registry.cpp)
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t num_layers = 0;
@@ -190,7 +190,8 @@ torch::Tensor gguf_permute_qk(const torch::Tensor& w, int64_t n_head);
 torch::Tensor gguf_unpermute_qk(const torch::Tensor& w, int64_t n_head);
 /// GGUF stores BLOOM's fused QKV as [all q; all k; all v]; HF interleaves per head.
 torch::Tensor gguf_bloom_qkv_to_hf(const torch::Tensor& w, int64_t n_head);
-/// The GGUF tensor name of an HF parameter name ("" when it has none).
+/// The GGUF tensor name of an HF parameter name ("" when it has none, or the architecture is
+/// unknown).
 std::string gguf_name_for(const std::string& architecture, const std::string& hf_name);
 }  // namespace detail
 

@@ -1,8 +1,13 @@
 // BLOOM decoder following transformers' modeling_bloom.py: word-embedding LayerNorm, pre-norm
 // LayerNorm blocks, fused QKV whose output is laid out per head as [q_h, k_h, v_h], ALiBi
 // position bias (no RoPE), tanh-GeLU MLP, final LayerNorm, LM head tied to the embeddings.
+// Registers the architecture "bloom" (config.json / GGUF readers, GGUF tensor names, the
+// regrouping of llama.cpp's fused QKV).
 
+#include "common/gguf.h"
 #include "common/model_internal.h"
+
+#include <c10/util/Exception.h>
 
 #include <cmath>
 #include <limits>
@@ -169,8 +174,7 @@ class BloomForCausalLM : public CausalLM {
     size_t i = 0;
     for (const auto& block : *transformer->h)
       h = block->as<BloomBlockImpl>()->forward(h, bias, in, options.cache, i++);
-    if (options.cache != nullptr) options.cache->commit(in.key_len);
-    return transformer->ln_f(output_hidden(h, options));
+    return transformer->ln_f(finish_blocks(h, in, options));
   }
 
   BloomModel transformer{nullptr};
@@ -179,10 +183,66 @@ class BloomForCausalLM : public CausalLM {
   torch::Tensor slopes_;
 };
 
+void bloom_from_hf(const json::Value& j, ModelConfig& c) {
+  c.hidden_size = j.contains("hidden_size") ? j["hidden_size"].as_int() : j["n_embed"].as_int();
+  c.num_layers = j["n_layer"].as_int();
+  c.num_heads = j["n_head"].as_int();
+  c.num_kv_heads = c.num_heads;
+  c.head_dim = default_head_dim(c.hidden_size, c.num_heads);
+  c.intermediate_size = c.hidden_size <= ModelConfig::kMaxHidden ? 4 * c.hidden_size : 0;
+  c.norm_eps = j.get_double("layer_norm_epsilon", 1e-5);
+  c.tie_word_embeddings = true;  // BloomForCausalLM always ties lm_head to the embeddings
+  c.apply_residual_connection_post_layernorm =
+      j.get_bool("apply_residual_connection_post_layernorm", false);
+  c.max_position_embeddings = j.get_int("seq_length", 2048);
+}
+
+void bloom_from_gguf(const GgufFile& f, ModelConfig& c) {
+  c.norm_eps = f.get_float_or(c.architecture + ".attention.layer_norm_epsilon", 1e-5);
+  c.tie_word_embeddings = true;
+}
+
+// The fused QKV is viewed as [B, T, n_head, 3, head_dim].
+void bloom_validate(const ModelConfig& c) {
+  TORCH_CHECK(c.num_heads * c.head_dim == c.hidden_size, "config: bloom needs n_head * head_dim == "
+              "hidden_size, got ", c.num_heads, " * ", c.head_dim, " != ", c.hidden_size);
+}
+
+std::vector<GgufBlockTensor> bloom_gguf_attention_tensors(const ModelConfig& c) {
+  return {{"attn_qkv.weight", {3 * c.hidden_size, c.hidden_size}, "embedding_length"}};
+}
+
+std::string bloom_gguf_tensor_name(const std::string& hf) {
+  const std::string emb_norm = "transformer.word_embeddings_layernorm.", ln_f = "transformer.ln_f.";
+  if (hf == "transformer.word_embeddings.weight") return "token_embd.weight";
+  if (hf.compare(0, emb_norm.size(), emb_norm) == 0) return "token_embd_norm." + hf.substr(emb_norm.size());
+  if (hf.compare(0, ln_f.size(), ln_f) == 0) return "output_norm." + hf.substr(ln_f.size());
+  return gguf_block_name(hf, "transformer.h.", {{"input_layernorm", "attn_norm"},
+                                                {"self_attention.query_key_value", "attn_qkv"},
+                                                {"self_attention.dense", "attn_output"},
+                                                {"post_attention_layernorm", "ffn_norm"},
+                                                {"mlp.dense_h_to_4h", "ffn_up"},
+                                                {"mlp.dense_4h_to_h", "ffn_down"}});
+}
+
+torch::Tensor bloom_gguf_fix_up(const std::string& g, torch::Tensor t, const ModelConfig& c) {
+  return g.find(".attn_qkv.") != std::string::npos ? gguf_bloom_qkv_to_hf(t, c.num_heads) : t;
+}
+
 }  // namespace
 
-std::shared_ptr<CausalLM> make_bloom(const ModelConfig& config) {
-  return std::make_shared<BloomForCausalLM>(config);
+torch::Tensor gguf_bloom_qkv_to_hf(const torch::Tensor& w, int64_t n_head) {
+  const int64_t rows = w.size(0);
+  TORCH_CHECK(rows % (3 * n_head) == 0, "gguf_bloom_qkv_to_hf: ", rows, " rows for ", n_head, " heads");
+  return w.reshape(shape_with_rest({3, n_head, rows / 3 / n_head}, w)).transpose(0, 1).reshape(w.sizes());
+}
+
+const Architecture& bloom_architecture() {
+  static const Architecture a{"bloom", {"BloomForCausalLM"}, /*rope=*/false,  // ALiBi
+                              bloom_from_hf, bloom_from_gguf, bloom_validate,
+                              bloom_gguf_attention_tensors, make_model<BloomForCausalLM>,
+                              bloom_gguf_tensor_name, bloom_gguf_fix_up};
+  return a;
 }
 
 }  // namespace detail

@@ -1,8 +1,9 @@
-// ModelConfig from HF config.json (transformers 4.x "rope_theta"/"rope_scaling" and 5.x
-// "rope_parameters" spellings) or from GGUF metadata.
+// ModelConfig from HF config.json or from GGUF metadata: what every architecture shares (the
+// vocabulary, token ids, sizes every GGUF has, the caps); each architecture's own fields come
+// from its record (model_internal.h, model_<arch>.cpp).
 
 #include "common/gguf.h"
-#include "common/model.h"
+#include "common/model_internal.h"
 
 #include <c10/util/Exception.h>
 
@@ -15,20 +16,7 @@ namespace slowed_examples {
 
 namespace {
 
-void read_rope(const json::Value& holder, ModelConfig& c) {
-  c.rope_scaling.type = holder.get_string("rope_type", holder.get_string("type", "default"));
-  c.rope_scaling.factor = holder.get_double("factor", 1.0);
-  c.rope_scaling.low_freq_factor = holder.get_double("low_freq_factor", 1.0);
-  c.rope_scaling.high_freq_factor = holder.get_double("high_freq_factor", 4.0);
-  c.rope_scaling.original_max_position_embeddings =
-      holder.get_int("original_max_position_embeddings", 8192);
-}
-
-/// hidden / heads when heads divides hidden, else 0, which validate() rejects naming both (a
-/// head count of 0 must not reach the division).
-int64_t default_head_dim(int64_t hidden, int64_t heads) {
-  return heads > 0 && hidden > 0 && hidden % heads == 0 ? hidden / heads : 0;
-}
+using detail::default_head_dim;
 
 std::vector<int64_t> int_or_list(const json::Value& v) {
   std::vector<int64_t> out;
@@ -43,7 +31,8 @@ std::vector<int64_t> int_or_list(const json::Value& v) {
 /// The tensors a model of config `c` reads from `f` exist with the shapes it implies, so that a
 /// forged size (block_count, embedding_length, vocab_size, head counts) is refused before a
 /// model is allocated from it: every allocation is then bounded by the file's own tensors.
-void check_gguf_tensor_shapes(const GgufFile& f, const ModelConfig& c) {
+void check_gguf_tensor_shapes(const GgufFile& f, const ModelConfig& c,
+                              const detail::Architecture& arch) {
   auto expect = [&](const std::string& name, std::vector<int64_t> shape, const char* from) {
     TORCH_CHECK(f.has_tensor(name), "GGUF file '", f.path(), "': tensor '", name,
                 "' not found, expected by ", from);
@@ -54,18 +43,12 @@ void check_gguf_tensor_shapes(const GgufFile& f, const ModelConfig& c) {
   const std::string p = c.architecture + ".";
   expect("token_embd.weight", {c.vocab_size, c.hidden_size},
          "the vocabulary size and embedding_length");
+  const std::vector<detail::GgufBlockTensor> attention = arch.gguf_attention_tensors(c);
   for (int64_t layer = 0; layer < c.num_layers; ++layer) {
     const std::string b = "blk." + std::to_string(layer) + ".";
     const std::string from = p + "block_count " + std::to_string(c.num_layers);
     expect(b + "attn_norm.weight", {c.hidden_size}, from.c_str());
-    if (c.architecture == "bloom") {
-      expect(b + "attn_qkv.weight", {3 * c.hidden_size, c.hidden_size}, "embedding_length");
-    } else {
-      expect(b + "attn_q.weight", {c.num_heads * c.head_dim, c.hidden_size},
-             "attention.head_count and the head size");
-      expect(b + "attn_k.weight", {c.num_kv_heads * c.head_dim, c.hidden_size},
-             "attention.head_count_kv and the head size");
-    }
+    for (const auto& t : attention) expect(b + t.name, t.shape, t.from);
     expect(b + "ffn_down.weight", {c.hidden_size, c.intermediate_size},
            "feed_forward_length and embedding_length");
   }
@@ -78,65 +61,14 @@ ModelConfig ModelConfig::from_hf_json(const json::Value& j, const std::string& s
   ModelConfig c;
   std::string model_type = j.get_string("model_type", "");
   if (model_type.empty() && j.contains("architectures") && j["architectures"].is_array() &&
-      j["architectures"].size() > 0) {
-    const std::string a = j["architectures"][0].as_string();
-    if (a == "LlamaForCausalLM") model_type = "llama";
-    else if (a == "Qwen2ForCausalLM") model_type = "qwen2";
-    else if (a == "BloomForCausalLM") model_type = "bloom";
-    else model_type = a;
-  }
-  TORCH_CHECK(model_type == "llama" || model_type == "qwen2" || model_type == "bloom",
-              "model config '", source, "': unsupported architecture '", model_type,
-              "' (supported: llama, qwen2, bloom)");
+      j["architectures"].size() > 0)
+    model_type = detail::architecture_of_hf_class(j["architectures"][0].as_string());
+  const detail::Architecture& arch =
+      detail::architecture_or_throw(model_type, "model config '" + source + "': ");
   c.architecture = model_type;
   try {
     c.vocab_size = j["vocab_size"].as_int();
-    if (model_type == "bloom") {
-      c.hidden_size = j.contains("hidden_size") ? j["hidden_size"].as_int() : j["n_embed"].as_int();
-      c.num_layers = j["n_layer"].as_int();
-      c.num_heads = j["n_head"].as_int();
-      c.num_kv_heads = c.num_heads;
-      c.head_dim = default_head_dim(c.hidden_size, c.num_heads);
-      c.intermediate_size = c.hidden_size <= ModelConfig::kMaxHidden ? 4 * c.hidden_size : 0;
-      c.norm_eps = j.get_double("layer_norm_epsilon", 1e-5);
-      c.tie_word_embeddings = true;  // BloomForCausalLM always ties lm_head to the embeddings
-      c.apply_residual_connection_post_layernorm =
-          j.get_bool("apply_residual_connection_post_layernorm", false);
-      c.max_position_embeddings = j.get_int("seq_length", 2048);
-    } else {
-      c.hidden_size = j["hidden_size"].as_int();
-      c.num_layers = j["num_hidden_layers"].as_int();
-      c.num_heads = j["num_attention_heads"].as_int();
-      c.num_kv_heads = j.get_int("num_key_value_heads", c.num_heads);
-      c.head_dim = j.get_int("head_dim", default_head_dim(c.hidden_size, c.num_heads));
-      c.intermediate_size = j["intermediate_size"].as_int();
-      c.norm_eps = j.get_double("rms_norm_eps", 1e-6);
-      c.max_position_embeddings = j.get_int("max_position_embeddings", 2048);
-      const std::string act = j.get_string("hidden_act", "silu");
-      TORCH_CHECK(act == "silu", "hidden_act '", act, "' is not supported (expected silu)");
-      c.rope_theta = j.get_double("rope_theta", 10000.0);
-      if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
-        // transformers >= 5: {"rope_type": ..., "rope_theta": ..., "factor": ...}
-        const auto& rp = j["rope_parameters"];
-        c.rope_theta = rp.get_double("rope_theta", c.rope_theta);
-        read_rope(rp, c);
-      } else if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
-        read_rope(j["rope_scaling"], c);
-      }
-      const std::string& rt = c.rope_scaling.type;
-      TORCH_CHECK(rt == "default" || rt == "linear" || rt == "llama3", "RoPE scaling type '", rt,
-                  "' is not supported (supported: default, linear, llama3)");
-      if (model_type == "qwen2") {
-        c.qkv_bias = true;
-        c.tie_word_embeddings = j.get_bool("tie_word_embeddings", false);
-        TORCH_CHECK(!j.get_bool("use_sliding_window", false),
-                    "use_sliding_window=true is not supported");
-      } else {
-        c.qkv_bias = c.o_bias = j.get_bool("attention_bias", false);
-        c.mlp_bias = j.get_bool("mlp_bias", false);
-        c.tie_word_embeddings = j.get_bool("tie_word_embeddings", false);
-      }
-    }
+    arch.config_from_hf(j, c);
     c.bos_token_id = j.get_int("bos_token_id", -1);
     c.pad_token_id = j.get_int("pad_token_id", -1);
     if (j.contains("eos_token_id")) c.eos_token_ids = int_or_list(j["eos_token_id"]);
@@ -170,11 +102,10 @@ ModelConfig ModelConfig::from_hf_folder(const std::string& dir) {
 
 ModelConfig ModelConfig::from_gguf(const GgufFile& f) {
   ModelConfig c;
-  const std::string arch = f.get_string("general.architecture");
-  TORCH_CHECK(arch == "llama" || arch == "qwen2" || arch == "bloom", "GGUF file '", f.path(),
-              "': unsupported architecture '", arch, "' (supported: llama, qwen2, bloom)");
-  c.architecture = arch;
-  const std::string p = arch + ".";
+  c.architecture = f.get_string("general.architecture");
+  const detail::Architecture& arch =
+      detail::architecture_or_throw(c.architecture, "GGUF file '" + f.path() + "': ");
+  const std::string p = c.architecture + ".";
   c.hidden_size = f.get_int(p + "embedding_length");
   c.num_layers = f.get_int(p + "block_count");
   c.num_heads = f.get_int(p + "attention.head_count");
@@ -190,29 +121,7 @@ ModelConfig ModelConfig::from_gguf(const GgufFile& f) {
   } else {
     c.vocab_size = f.tensor_info("token_embd.weight").shape[0];
   }
-  if (arch == "bloom") {
-    c.norm_eps = f.get_float_or(p + "attention.layer_norm_epsilon", 1e-5);
-    c.tie_word_embeddings = true;
-  } else {
-    c.norm_eps = f.get_float_or(p + "attention.layer_norm_rms_epsilon", 1e-6);
-    c.rope_theta = f.get_float_or(p + "rope.freq_base", 10000.0);
-    const std::string scaling = f.get_string_or(p + "rope.scaling.type", "none");
-    if (scaling == "linear") {
-      c.rope_scaling.type = "linear";
-      c.rope_scaling.factor = f.get_float(p + "rope.scaling.factor");
-    } else {
-      TORCH_CHECK(scaling == "none", "GGUF file '", f.path(), "': rope.scaling.type '", scaling,
-                  "' is not supported (supported: none, linear; llama3 comes as rope_freqs.weight)");
-    }
-    if (f.has_tensor("rope_freqs.weight")) {
-      auto rf = f.tensor("rope_freqs.weight").to(torch::kFloat64).contiguous();
-      c.rope_freq_factors.assign(rf.data_ptr<double>(), rf.data_ptr<double>() + rf.numel());
-    }
-    c.tie_word_embeddings = !f.has_tensor("output.weight");
-    c.qkv_bias = f.has_tensor("blk.0.attn_q.bias");
-    c.o_bias = f.has_tensor("blk.0.attn_output.bias");
-    c.mlp_bias = f.has_tensor("blk.0.ffn_up.bias");
-  }
+  arch.config_from_gguf(f, c);
   c.bos_token_id = f.get_int_or("tokenizer.ggml.bos_token_id", -1);
   c.pad_token_id = f.get_int_or("tokenizer.ggml.padding_token_id", -1);
   if (f.has("tokenizer.ggml.eos_token_id")) c.eos_token_ids.push_back(f.get_int("tokenizer.ggml.eos_token_id"));
@@ -226,7 +135,7 @@ ModelConfig ModelConfig::from_gguf(const GgufFile& f) {
   } catch (const c10::Error& e) {
     TORCH_CHECK(false, "GGUF file '", f.path(), "': ", e.msg());
   }
-  check_gguf_tensor_shapes(f, c);
+  check_gguf_tensor_shapes(f, c, arch);
   return c;
 }
 
@@ -245,19 +154,20 @@ void ModelConfig::validate() const {
   size("head_dim", head_dim, kMaxHeadDim);
   size("intermediate_size", intermediate_size, kMaxIntermediate);
   size("max_position_embeddings", max_position_embeddings, kMaxPositions);
+  // The callers (from_hf_json, from_gguf, make_causal_lm) refuse unknown names; here an unknown
+  // one is checked as a RoPE model without extra checks.
+  const detail::Architecture* arch = detail::find_architecture(architecture);
   TORCH_CHECK(num_heads % num_kv_heads == 0, "config: num_heads ", num_heads,
               " must be a multiple of num_kv_heads ", num_kv_heads);
   TORCH_CHECK(head_dim % 2 == 0, "config: head_dim must be even for RoPE, got ", head_dim);
-  if (architecture == "bloom")
-    TORCH_CHECK(num_heads * head_dim == hidden_size, "config: bloom needs n_head * head_dim == "
-                "hidden_size, got ", num_heads, " * ", head_dim, " != ", hidden_size);
+  if (arch != nullptr && arch->validate != nullptr) arch->validate(*this);
   auto positive_finite = [](const char* name, double v) {
     TORCH_CHECK(std::isfinite(v) && v > 0, "config: ", name, " must be a finite number > 0, got ",
                 v);
   };
   TORCH_CHECK(std::isfinite(norm_eps) && norm_eps > 0 && norm_eps < 1,
               "config: norm epsilon must be a finite number in (0, 1), got ", norm_eps);
-  if (architecture != "bloom") {
+  if (arch == nullptr || arch->rope) {
     positive_finite("rope_theta", rope_theta);
     const RopeScaling& r = rope_scaling;
     if (r.type != "default") positive_finite("rope_scaling.factor", r.factor);
@@ -293,7 +203,8 @@ std::string ModelConfig::summary() const {
   s << architecture << ": " << num_layers << " layers, hidden " << hidden_size << ", heads "
     << num_heads << "/" << num_kv_heads << " x " << head_dim << ", ffn " << intermediate_size
     << ", vocab " << vocab_size;
-  if (architecture != "bloom") {
+  const detail::Architecture* arch = detail::find_architecture(architecture);
+  if (arch == nullptr || arch->rope) {
     s << ", rope theta " << rope_theta;
     if (rope_scaling.type != "default") s << " (" << rope_scaling.type << " x" << rope_scaling.factor << ")";
     if (!rope_freq_factors.empty()) s << " (rope_freqs)";

@@ -1,167 +1,21 @@
 // Llama-family decoder (Llama, SmolLM2, Llama-3.x, Qwen2) following transformers'
 // modeling_llama.py / modeling_qwen2.py: pre-norm RMSNorm blocks, RoPE in the rotate_half
-// convention, grouped-query attention, SwiGLU MLP. Also the shared attention-input helpers.
+// convention, grouped-query attention, SwiGLU MLP. Registers the architectures "llama" and
+// "qwen2" (config.json / GGUF readers, GGUF tensor names, llama.cpp's Q/K permutation).
 
+#include "common/gguf.h"
 #include "common/model_internal.h"
+
+#include <c10/util/Exception.h>
 
 #include <cmath>
 
 namespace slowed_examples {
 namespace detail {
 
-namespace F = torch::nn::functional;
-
-AttentionInputs prepare_attention(const torch::Tensor& input_ids, const ForwardOptions& options,
-                                  const ModelConfig& config, int64_t cache_layers_expected,
-                                  bool need_positions) {
-  AttentionInputs in;
-  TORCH_CHECK(input_ids.defined() && input_ids.dim() == 2, config.architecture,
-              " forward: input_ids must be [batch, seq], got ",
-              input_ids.defined() ? input_ids.sizes().vec() : std::vector<int64_t>{});
-  TORCH_CHECK(input_ids.scalar_type() == torch::kLong || input_ids.scalar_type() == torch::kInt,
-              config.architecture, " forward: input_ids must be int64 or int32, got ",
-              input_ids.scalar_type());
-  TORCH_CHECK(input_ids.size(1) > 0, config.architecture, " forward: empty sequence");
-  in.ids = input_ids.to(torch::kLong);
-  in.batch = input_ids.size(0);
-  in.query_len = input_ids.size(1);
-  if (options.cache != nullptr) {
-    const KVCache& c = *options.cache;
-    in.past = c.length();
-    if (in.past > 0) {
-      TORCH_CHECK(static_cast<int64_t>(c.num_layers()) == cache_layers_expected,
-                  config.architecture, " forward: cache has ", c.num_layers(),
-                  " layers, expected ", cache_layers_expected);
-      TORCH_CHECK(c.batch_size() == in.batch, config.architecture, " forward: cache batch ",
-                  c.batch_size(), " != input batch ", in.batch);
-    }
-  }
-  in.key_len = in.past + in.query_len;
-  const auto dev = input_ids.device();
-
-  if (options.attention_mask.defined()) {
-    const auto& m = options.attention_mask;
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == in.batch && m.size(1) == in.key_len,
-                config.architecture, " forward: attention_mask must be [", in.batch, ", ",
-                in.key_len, "] (batch, cached + new positions), got ", m.sizes());
-    in.key_mask = m.to(dev) != 0;
-  }
-  if (need_positions) {
-    if (options.position_ids.defined()) {
-      const auto& p = options.position_ids;
-      TORCH_CHECK(p.dim() == 2 && p.size(0) == in.batch && p.size(1) == in.query_len,
-                  config.architecture, " forward: position_ids must be [", in.batch, ", ",
-                  in.query_len, "], got ", p.sizes());
-      in.positions = p.to(dev, torch::kLong);
-    } else if (in.key_mask.defined()) {
-      // HF generate's convention: cumsum(mask) - 1, padding positions clamped to 0.
-      auto pos = in.key_mask.to(torch::kLong).cumsum(-1) - 1;
-      pos = pos.clamp_min(0);
-      in.positions = pos.narrow(1, in.past, in.query_len);
-    } else {
-      in.positions = (torch::arange(in.past, in.key_len, torch::TensorOptions(torch::kLong).device(dev)))
-                         .unsqueeze(0)
-                         .expand({in.batch, in.query_len});
-    }
-  }
-
-  const bool has_padding =
-      in.key_mask.defined() && !in.key_mask.all().item<bool>();
-  if (!has_padding) {
-    if (in.query_len == 1) return in;  // one query sees every cached key
-    if (in.past == 0) {
-      in.is_causal = true;
-      return in;
-    }
-  }
-  auto opts = torch::TensorOptions(torch::kLong).device(dev);
-  auto qpos = torch::arange(in.past, in.key_len, opts).view({in.query_len, 1});  // absolute slot
-  auto kpos = torch::arange(0, in.key_len, opts).view({1, in.key_len});
-  auto allowed = (kpos <= qpos).view({1, 1, in.query_len, in.key_len});  // [1,1,T,Tk]
-  if (has_padding) {
-    allowed = allowed & in.key_mask.view({in.batch, 1, 1, in.key_len});
-    allowed = allowed | (kpos == qpos).view({1, 1, in.query_len, in.key_len});
-  }
-  in.allowed = allowed.expand({in.batch, 1, in.query_len, in.key_len});
-  return in;
-}
-
-torch::Tensor output_hidden(const torch::Tensor& hidden, const ForwardOptions& options) {
-  const auto& pos = options.output_positions;
-  if (pos.defined()) {
-    TORCH_CHECK(options.logits_to_keep <= 0, "forward: output_positions and logits_to_keep are exclusive");
-    TORCH_CHECK(pos.dim() == 1 && pos.scalar_type() == torch::kLong,
-                "forward: output_positions must be a 1-D int64 tensor, got ", pos.dim(), "-D ", pos.scalar_type());
-    const int64_t n = hidden.size(0) * hidden.size(1);
-    TORCH_CHECK(pos.numel() == 0 || (pos.min().item<int64_t>() >= 0 && pos.max().item<int64_t>() < n),
-                "forward: output_positions must lie in [0, ", n, ") (batch x length)");
-    return hidden.reshape({n, hidden.size(2)}).index_select(0, pos.to(hidden.device()));
-  }
-  const int64_t keep = options.logits_to_keep, t = hidden.size(1);
-  if (keep <= 0 || keep >= t) return hidden;
-  return hidden.narrow(1, t - keep, keep);
-}
-
-std::pair<torch::Tensor, torch::Tensor> cache_update(KVCache* cache, size_t layer,
-                                                     const AttentionInputs& in,
-                                                     const torch::Tensor& k,
-                                                     const torch::Tensor& v) {
-  if (cache == nullptr) return {k, v};
-  return cache->append(layer, in.past, k, v);
-}
-
-}  // namespace detail
-
-torch::Tensor KVCache::keys(size_t layer) const {
-  TORCH_CHECK(layer < keys_.size(), "KVCache: layer ", layer, " of ", keys_.size());
-  return keys_[layer].narrow(2, 0, length_);
-}
-torch::Tensor KVCache::values(size_t layer) const {
-  TORCH_CHECK(layer < values_.size(), "KVCache: layer ", layer, " of ", values_.size());
-  return values_[layer].narrow(2, 0, length_);
-}
-void KVCache::clear() {
-  keys_.clear();
-  values_.clear();
-  length_ = 0;
-}
-void KVCache::select_rows(const torch::Tensor& rows) {
-  for (size_t l = 0; l < keys_.size(); ++l) {
-    const auto idx = rows.to(keys_[l].device(), torch::kLong);
-    keys_[l] = keys_[l].index_select(0, idx);
-    values_[l] = values_[l].index_select(0, idx);
-  }
-}
-std::pair<torch::Tensor, torch::Tensor> KVCache::append(size_t layer, int64_t past,
-                                                        const torch::Tensor& k,
-                                                        const torch::Tensor& v) {
-  if (keys_.size() <= layer) {
-    keys_.resize(layer + 1);
-    values_.resize(layer + 1);
-  }
-  auto& kb = keys_[layer];
-  auto& vb = values_[layer];
-  const int64_t t = k.size(2), need = past + t;
-  if (!kb.defined() || kb.size(2) < need) {
-    // Grow to at least double the capacity (amortised O(1) per appended position).
-    const int64_t cap = std::max<int64_t>(need, kb.defined() ? 2 * kb.size(2) : need);
-    auto nk = torch::empty({k.size(0), k.size(1), cap, k.size(3)}, k.options());
-    auto nv = torch::empty({v.size(0), v.size(1), cap, v.size(3)}, v.options());
-    if (kb.defined() && past > 0) {
-      nk.narrow(2, 0, past).copy_(kb.narrow(2, 0, past));
-      nv.narrow(2, 0, past).copy_(vb.narrow(2, 0, past));
-    }
-    kb = nk;
-    vb = nv;
-  }
-  kb.narrow(2, past, t).copy_(k);
-  vb.narrow(2, past, t).copy_(v);
-  return {kb.narrow(2, 0, need), vb.narrow(2, 0, need)};
-}
-
-namespace detail {
-
 namespace {
+
+namespace F = torch::nn::functional;
 
 // RMSNorm as in HF: normalise in float32, cast back, then scale by the weight.
 class RMSNormImpl : public torch::nn::Module {
@@ -340,8 +194,7 @@ class LlamaForCausalLM : public CausalLM {
     for (const auto& layer : *model->layers) {
       h = layer->as<LlamaDecoderLayerImpl>()->forward(h, cos, sin, in, options.cache, i++);
     }
-    if (options.cache != nullptr) options.cache->commit(in.key_len);
-    return model->norm(output_hidden(h, options));
+    return model->norm(finish_blocks(h, in, options));
   }
 
   LlamaModel model{nullptr};
@@ -351,10 +204,144 @@ class LlamaForCausalLM : public CausalLM {
   torch::Tensor inv_freq_;
 };
 
+// ---- config.json ----------------------------------------------------------------------------
+
+void read_rope(const json::Value& holder, ModelConfig& c) {
+  c.rope_scaling.type = holder.get_string("rope_type", holder.get_string("type", "default"));
+  c.rope_scaling.factor = holder.get_double("factor", 1.0);
+  c.rope_scaling.low_freq_factor = holder.get_double("low_freq_factor", 1.0);
+  c.rope_scaling.high_freq_factor = holder.get_double("high_freq_factor", 4.0);
+  c.rope_scaling.original_max_position_embeddings =
+      holder.get_int("original_max_position_embeddings", 8192);
+}
+
+// The fields Llama and Qwen2 share: sizes, RMSNorm epsilon, SiLU, RoPE in transformers' 4.x
+// ("rope_theta", "rope_scaling") and 5.x ("rope_parameters") spellings.
+void llama_family_from_hf(const json::Value& j, ModelConfig& c) {
+  c.hidden_size = j["hidden_size"].as_int();
+  c.num_layers = j["num_hidden_layers"].as_int();
+  c.num_heads = j["num_attention_heads"].as_int();
+  c.num_kv_heads = j.get_int("num_key_value_heads", c.num_heads);
+  c.head_dim = j.get_int("head_dim", default_head_dim(c.hidden_size, c.num_heads));
+  c.intermediate_size = j["intermediate_size"].as_int();
+  c.norm_eps = j.get_double("rms_norm_eps", 1e-6);
+  c.max_position_embeddings = j.get_int("max_position_embeddings", 2048);
+  const std::string act = j.get_string("hidden_act", "silu");
+  TORCH_CHECK(act == "silu", "hidden_act '", act, "' is not supported (expected silu)");
+  c.rope_theta = j.get_double("rope_theta", 10000.0);
+  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
+    // transformers >= 5: {"rope_type": ..., "rope_theta": ..., "factor": ...}
+    const auto& rp = j["rope_parameters"];
+    c.rope_theta = rp.get_double("rope_theta", c.rope_theta);
+    read_rope(rp, c);
+  } else if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
+    read_rope(j["rope_scaling"], c);
+  }
+  const std::string& rt = c.rope_scaling.type;
+  TORCH_CHECK(rt == "default" || rt == "linear" || rt == "llama3", "RoPE scaling type '", rt,
+              "' is not supported (supported: default, linear, llama3)");
+}
+
+void llama_from_hf(const json::Value& j, ModelConfig& c) {
+  llama_family_from_hf(j, c);
+  c.qkv_bias = c.o_bias = j.get_bool("attention_bias", false);
+  c.mlp_bias = j.get_bool("mlp_bias", false);
+  c.tie_word_embeddings = j.get_bool("tie_word_embeddings", false);
+}
+
+void qwen2_from_hf(const json::Value& j, ModelConfig& c) {
+  llama_family_from_hf(j, c);
+  c.qkv_bias = true;
+  c.tie_word_embeddings = j.get_bool("tie_word_embeddings", false);
+  TORCH_CHECK(!j.get_bool("use_sliding_window", false), "use_sliding_window=true is not supported");
+}
+
+// ---- GGUF ---------------------------------------------------------------------------------
+
+void llama_from_gguf(const GgufFile& f, ModelConfig& c) {
+  const std::string p = c.architecture + ".";
+  c.norm_eps = f.get_float_or(p + "attention.layer_norm_rms_epsilon", 1e-6);
+  c.rope_theta = f.get_float_or(p + "rope.freq_base", 10000.0);
+  const std::string scaling = f.get_string_or(p + "rope.scaling.type", "none");
+  if (scaling == "linear") {
+    c.rope_scaling.type = "linear";
+    c.rope_scaling.factor = f.get_float(p + "rope.scaling.factor");
+  } else {
+    TORCH_CHECK(scaling == "none", "GGUF file '", f.path(), "': rope.scaling.type '", scaling,
+                "' is not supported (supported: none, linear; llama3 comes as rope_freqs.weight)");
+  }
+  if (f.has_tensor("rope_freqs.weight")) {
+    auto rf = f.tensor("rope_freqs.weight").to(torch::kFloat64).contiguous();
+    c.rope_freq_factors.assign(rf.data_ptr<double>(), rf.data_ptr<double>() + rf.numel());
+  }
+  c.tie_word_embeddings = !f.has_tensor("output.weight");
+  c.qkv_bias = f.has_tensor("blk.0.attn_q.bias");
+  c.o_bias = f.has_tensor("blk.0.attn_output.bias");
+  c.mlp_bias = f.has_tensor("blk.0.ffn_up.bias");
+}
+
+std::vector<GgufBlockTensor> llama_gguf_attention_tensors(const ModelConfig& c) {
+  return {{"attn_q.weight", {c.num_heads * c.head_dim, c.hidden_size},
+           "attention.head_count and the head size"},
+          {"attn_k.weight", {c.num_kv_heads * c.head_dim, c.hidden_size},
+           "attention.head_count_kv and the head size"}};
+}
+
+std::string llama_gguf_tensor_name(const std::string& hf) {
+  if (hf == "model.embed_tokens.weight") return "token_embd.weight";
+  if (hf == "model.norm.weight") return "output_norm.weight";
+  if (hf == "lm_head.weight") return "output.weight";
+  return gguf_block_name(hf, "model.layers.", {{"self_attn.q_proj", "attn_q"},
+                                               {"self_attn.k_proj", "attn_k"},
+                                               {"self_attn.v_proj", "attn_v"},
+                                               {"self_attn.o_proj", "attn_output"},
+                                               {"input_layernorm", "attn_norm"},
+                                               {"post_attention_layernorm", "ffn_norm"},
+                                               {"mlp.gate_proj", "ffn_gate"},
+                                               {"mlp.up_proj", "ffn_up"},
+                                               {"mlp.down_proj", "ffn_down"}});
+}
+
+// llama.cpp permutes Q/K rows for its RoPE layout; undo it for rotate_half.
+torch::Tensor llama_gguf_fix_up(const std::string& g, torch::Tensor t, const ModelConfig& c) {
+  if (g.find(".attn_q.") != std::string::npos) t = gguf_unpermute_qk(t, c.num_heads);
+  if (g.find(".attn_k.") != std::string::npos) t = gguf_unpermute_qk(t, c.num_kv_heads);
+  return t;
+}
+
 }  // namespace
 
-std::shared_ptr<CausalLM> make_llama(const ModelConfig& config) {
-  return std::make_shared<LlamaForCausalLM>(config);
+// llama.cpp (convert_hf_to_gguf.py, LlamaModel.permute): rows grouped per head as
+// [first halves; second halves] -> interleaved pairs, so its rotation of adjacent pairs equals
+// HF's rotate_half.
+torch::Tensor gguf_permute_qk(const torch::Tensor& w, int64_t n_head) {
+  const int64_t rows = w.size(0);
+  TORCH_CHECK(rows % (2 * n_head) == 0, "gguf_permute_qk: ", rows, " rows for ", n_head, " heads");
+  return w.reshape(shape_with_rest({n_head, 2, rows / n_head / 2}, w)).transpose(1, 2).reshape(w.sizes());
+}
+
+torch::Tensor gguf_unpermute_qk(const torch::Tensor& w, int64_t n_head) {
+  const int64_t rows = w.size(0);
+  TORCH_CHECK(rows % (2 * n_head) == 0, "gguf_unpermute_qk: ", rows, " rows for ", n_head, " heads");
+  return w.reshape(shape_with_rest({n_head, rows / n_head / 2, 2}, w)).transpose(1, 2).reshape(w.sizes());
+}
+
+const Architecture& llama_architecture() {
+  static const Architecture a{"llama", {"LlamaForCausalLM"}, /*rope=*/true, llama_from_hf,
+                              llama_from_gguf, /*validate=*/nullptr, llama_gguf_attention_tensors,
+                              make_model<LlamaForCausalLM>, llama_gguf_tensor_name,
+                              llama_gguf_fix_up};
+  return a;
+}
+
+// Qwen2 is Llama with bias on q/k/v: the same modules and tensor names, its own config.json
+// fields, and no Q/K permutation in its GGUFs (llama.cpp uses its NeoX rotation for them).
+const Architecture& qwen2_architecture() {
+  static const Architecture a{"qwen2", {"Qwen2ForCausalLM"}, /*rope=*/true, qwen2_from_hf,
+                              llama_from_gguf, /*validate=*/nullptr, llama_gguf_attention_tensors,
+                              make_model<LlamaForCausalLM>, llama_gguf_tensor_name,
+                              /*gguf_fix_up=*/nullptr};
+  return a;
 }
 
 }  // namespace detail

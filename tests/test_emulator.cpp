@@ -1,7 +1,8 @@
 // The CUDA kernels, run in the host emulator (docs/emulator.md) through the real launchers
-// (slowed/cuda/entropy_masked_ce_cuda.h, slowed/cuda/slow_tuning_cuda.h) and the loss forward's
-// CUDA branch, against the CPU kernels and the reference paths. Host tensors created while an
-// EmulatedDevice is in scope are emulator device buffers (guard pages, poisoned contents).
+// (slowed/cuda/entropy_masked_cross_entropy_cuda.h, slowed/cuda/slow_tuning_cuda.h) and the
+// loss forward's CUDA branch, against the CPU kernels and the reference paths. Host tensors
+// created while an EmulatedDevice is in scope are emulator device buffers (guard pages, poisoned
+// contents).
 //
 // Tolerances are docs/numerics.md's: row terms within k * s_i (k = 1e-5, s_i = 1 + |lse| +
 // max|z| + zeta lse^2), gradients within r |ref| + k |f_i| (1 + 2 zeta |lse_i|) + a, keep
@@ -12,7 +13,7 @@
 #include "emulator/torch_device.h"
 
 #include <slowed/cpu/slow_tuning_cpu.h>
-#include <slowed/cuda/entropy_masked_ce_cuda.h>
+#include <slowed/cuda/entropy_masked_cross_entropy_cuda.h>
 #include <slowed/cuda/slow_tuning_cuda.h>
 #include <slowed/slowed.h>
 

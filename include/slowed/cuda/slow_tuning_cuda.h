@@ -11,8 +11,8 @@
 // loss); otherwise CUDA tensors take the ATen reference path, which is correct everywhere.
 
 #include <slowed/cuda/jit.h>
-#include <slowed/cuda/storage_dtype.h>
 #include <slowed/cuda/kernels/slow_tuning_kernels.h>
+#include <slowed/detail/storage_dtype.h>
 
 #include <ATen/ATen.h>
 
@@ -119,11 +119,13 @@ void for_each_batch(const std::vector<const SlowTuningTensor*>& ts,
 }
 
 /// Tensors of one call grouped by storage dtype (each dtype is a kernel variant).
-inline std::map<int, std::vector<const SlowTuningTensor*>> by_dtype(
+inline std::map<slowed::detail::StorageDtype, std::vector<const SlowTuningTensor*>> by_dtype(
     const std::vector<SlowTuningTensor>& ts) {
-  std::map<int, std::vector<const SlowTuningTensor*>> groups;
-  for (const auto& t : ts)
-    groups[storage_code(t.param.scalar_type(), "SlowTuningOptimizer parameters")].push_back(&t);
+  std::map<slowed::detail::StorageDtype, std::vector<const SlowTuningTensor*>> groups;
+  for (const auto& t : ts) {
+    groups[slowed::detail::storage_dtype(t.param.scalar_type(), "SlowTuningOptimizer parameters")]
+        .push_back(&t);
+  }
   return groups;
 }
 
@@ -142,7 +144,8 @@ inline std::vector<int> slot_layout(const std::vector<const SlowTuningTensor*>& 
 }
 
 /// Pass 1 (when a bound is on) and pass 2 of one dtype group.
-inline void two_pass(const std::vector<const SlowTuningTensor*>& ts, int dtype,
+inline void two_pass(const std::vector<const SlowTuningTensor*>& ts,
+                     slowed::detail::StorageDtype dtype,
                      const SlowTuningLaunchBounds& b, const char* sums_kernel,
                      const char* apply_kernel, bool decoupled) {
   if (ts.empty()) return;

@@ -10,7 +10,7 @@
 // upstream gradient, per token for Reduction::None.
 
 #include <slowed/cpu/entropy_masked_cross_entropy_cpu.h>
-#include <slowed/cuda/entropy_masked_ce_cuda.h>
+#include <slowed/cuda/entropy_masked_cross_entropy_cuda.h>
 #include <slowed/detail/backend.h>
 #include <slowed/detail/check.h>
 #include <slowed/loss/entropy_mask_stats.h>

@@ -1,5 +1,6 @@
 // kernel_dump: writes every kernel source of the library's registry
-// (slowed::cuda::all_kernel_sources(), the list the NVRTC test compiles) as NVRTC compiles it,
+// (slowed::cuda::all_kernel_sources()) and the test-only smoke kernels
+// (tests/support/smoke_kernels.h), the list the NVRTC test compiles, as NVRTC compiles it,
 // for the static kernel statistics of scripts/kernel_stats.py (docs/benchmarks.md). Needs
 // libnvrtc, no GPU. Per source and variant, in DIR:
 //
@@ -13,6 +14,8 @@
 
 #include <slowed/cuda/jit.h>
 #include <slowed/cuda/kernels/registry.h>
+
+#include "../tests/support/smoke_kernels.h"
 
 #include <cstdlib>
 #include <fstream>
@@ -59,7 +62,10 @@ int main(int argc, char** argv) {
   write(out + "/nvrtc.txt", "NVRTC " + slowed::cuda::nvrtc().version_string() + " (" +
                                 slowed::cuda::nvrtc().path + ")\n");
   try {
-    for (const auto* s : slowed::cuda::all_kernel_sources()) {
+    std::vector<const slowed::cuda::KernelSource*> sources = {
+        &slowed_tests::smoke_kernels_source()};
+    for (const auto* s : slowed::cuda::all_kernel_sources()) sources.push_back(s);
+    for (const auto* s : sources) {
       std::string name = s->family();
       for (const auto& d : s->defines()) name += "_d" + d.second;
       std::string info = "family " + s->family() + "\nidentity " + s->identity() + "\nkernels";

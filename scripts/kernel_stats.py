@@ -44,7 +44,7 @@ ARCH = {
     90: dict(regs=65536, threads=2048, blocks=32, smem=228 * 1024, reserved=1024, max_reg=255),
     80: dict(regs=65536, threads=2048, blocks=32, smem=164 * 1024, reserved=1024, max_reg=255),
 }
-# Block sizes each kernel is launched with (the launchers: entropy_masked_ce_cuda.h
+# Block sizes each kernel is launched with (the launchers: entropy_masked_cross_entropy_cuda.h
 # emce_block_size: 256 for V < 8192, 512 below 65536, 1024 above; Slow Tuning: 512).
 BLOCKS = {"slowed_emce": [256, 512, 1024], "slowed_st": [512], "slowed_scale_add": [256]}
 # Storage bytes per element for SLOWED_DTYPE 0, 1, 2.

@@ -4,6 +4,9 @@
 #include <catch2/catch.hpp>
 #include <slowed/cuda/jit.h>
 #include <slowed/cuda/kernels/registry.h>
+
+#include "support/smoke_kernels.h"
+
 #include <c10/core/StreamGuard.h>
 #include <torch/torch.h>
 
@@ -127,7 +130,7 @@ std::string error_of(const std::function<void()>& fn) {
   return "";
 }
 
-const KernelSource& smoke() { return slowed::cuda::kernels::smoke_kernels_source(); }
+const KernelSource& smoke() { return slowed_tests::smoke_kernels_source(); }
 
 }  // namespace
 
@@ -226,7 +229,9 @@ TEST_CASE("every registered kernel source compiles to a cubin for sm_80 and sm_9
   ScopedKernelCache cache;
   const auto& sources = slowed::cuda::all_kernel_sources();
   REQUIRE(!sources.empty());
-  for (const KernelSource* source : sources) {
+  std::vector<const KernelSource*> all = {&smoke()};  // and the test-only smoke kernels
+  all.insert(all.end(), sources.begin(), sources.end());
+  for (const KernelSource* source : all) {
     for (const auto& arch : std::vector<std::pair<int, int>>{{8, 0}, {9, 0}}) {
       INFO(source->family() << " for " << arch.first << "." << arch.second);
       const auto cubin = slowed::cuda::compile_kernel(*source, arch.first, arch.second, true);

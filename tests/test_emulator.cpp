@@ -1,7 +1,8 @@
 // The CUDA kernels, run in the host emulator (docs/emulator.md) through the real launchers
-// (slowed/cuda/entropy_masked_ce_cuda.h, slowed/cuda/slow_tuning_cuda.h) and the loss forward's
-// CUDA branch, against the CPU kernels and the reference paths. Host tensors created while an
-// EmulatedDevice is in scope are emulator device buffers (guard pages, poisoned contents).
+// (slowed/cuda/entropy_masked_cross_entropy_cuda.h, slowed/cuda/slow_tuning_cuda.h) and the
+// loss forward's CUDA branch, against the CPU kernels and the reference paths. Host tensors
+// created while an EmulatedDevice is in scope are emulator device buffers (guard pages, poisoned
+// contents).
 //
 // Tolerances are docs/numerics.md's: row terms within k * s_i (k = 1e-5, s_i = 1 + |lse| +
 // max|z| + zeta lse^2), gradients within r |ref| + k |f_i| (1 + 2 zeta |lse_i|) + a, keep
@@ -12,7 +13,7 @@
 #include "emulator/torch_device.h"
 
 #include <slowed/cpu/slow_tuning_cpu.h>
-#include <slowed/cuda/entropy_masked_ce_cuda.h>
+#include <slowed/cuda/entropy_masked_cross_entropy_cuda.h>
 #include <slowed/cuda/slow_tuning_cuda.h>
 #include <slowed/slowed.h>
 
@@ -450,10 +451,10 @@ struct StMode {
   }
 };
 
-slowed::cpu::AdamScalars adam_scalars(const StMode& m) {
+slowed::detail::AdamSettings adam_scalars(const StMode& m) {
   const double lr = 1e-2, wd = 0.01, b1 = 0.9, b2 = 0.999, eps = 1e-8;
   const int64_t step = 3;
-  slowed::cpu::AdamScalars h;
+  slowed::detail::AdamSettings h;
   h.beta1 = static_cast<float>(b1);
   h.beta2 = static_cast<float>(b2);
   h.one_minus_beta1 = static_cast<float>(1.0 - b1);
@@ -462,33 +463,28 @@ slowed::cpu::AdamScalars adam_scalars(const StMode& m) {
   h.step_size = static_cast<float>(lr / (1.0 - std::pow(b1, step)));
   h.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(b2, step)));
   h.weight_decay = static_cast<float>(m.decoupled ? lr * wd : wd);
-  h.decoupled = m.decoupled;
   h.amsgrad = m.amsgrad;
   return h;
 }
 
 // The emulated launcher on `ts` (modified in place).
 void run_cuda(std::vector<StTensor>& ts, const StMode& m) {
-  const auto h = adam_scalars(m);
-  std::vector<slowed::cuda::SlowTuningTensor> cts(ts.size());
+  std::vector<slowed::detail::SlowTuningOperands> cts(ts.size());
   for (size_t i = 0; i < ts.size(); ++i) {
     auto& c = cts[i];
     c.param = ts[i].param;
     c.initial = ts[i].initial;
     if (m.adam) {
-      c.aux = ts[i].grad;
+      c.grad = ts[i].grad;
       c.exp_avg = ts[i].m;
       c.exp_avg_sq = ts[i].v;
       c.max_exp_avg_sq = ts[i].vmax;
-      const float hyper[8] = {h.beta1, h.beta2, h.one_minus_beta1, h.one_minus_beta2,
-                              h.eps,   h.step_size, h.bc2_sqrt, h.weight_decay};
-      std::copy(hyper, hyper + 8, c.hyper);
-      c.amsgrad = m.amsgrad;
+      c.adam = adam_scalars(m);
     } else {
-      c.aux = ts[i].prev;
+      c.prev = ts[i].prev;
     }
   }
-  slowed::cuda::SlowTuningLaunchBounds b{m.scale, m.max_step, m.max_drift, m.floor};
+  slowed::detail::SlowBounds b{m.scale, m.max_step, m.max_drift, m.floor};
   if (m.adam) {
     slowed::cuda::slow_tuning_adam_step(cts, b, m.decoupled);
   } else {
@@ -500,7 +496,7 @@ void run_cuda(std::vector<StTensor>& ts, const StMode& m) {
 // once per stored value, as the CUDA kernel does).
 void run_cpu(std::vector<StTensor>& ts, const StMode& m) {
   std::vector<StTensor> work(ts.size());
-  std::vector<slowed::cpu::SlowTensor> cts(ts.size());
+  std::vector<slowed::detail::SlowTuningOperands> cts(ts.size());
   auto up = [](const at::Tensor& x) {
     return x.defined() && x.scalar_type() == at::kHalf ? x.to(at::kFloat) : x;
   };
@@ -508,35 +504,24 @@ void run_cpu(std::vector<StTensor>& ts, const StMode& m) {
     work[i] = {up(ts[i].param), up(ts[i].grad), up(ts[i].m), up(ts[i].v), up(ts[i].vmax),
                up(ts[i].initial), up(ts[i].prev)};
     auto& c = cts[i];
-    c.param = work[i].param.data_ptr();
-    c.initial = work[i].initial.defined() ? work[i].initial.data_ptr() : nullptr;
-    c.numel = work[i].param.numel();
-    c.storage = work[i].param.scalar_type() == at::kBFloat16 ? slowed::cpu::SlowStorage::BFloat16
-                                                              : slowed::cpu::SlowStorage::Float32;
+    c.param = work[i].param;
+    c.initial = work[i].initial;
     if (m.adam) {
-      c.grad = work[i].grad.data_ptr();
-      c.exp_avg = work[i].m.data_ptr();
-      c.exp_avg_sq = work[i].v.data_ptr();
-      c.max_exp_avg_sq = m.amsgrad ? work[i].vmax.data_ptr() : nullptr;
+      c.grad = work[i].grad;
+      c.exp_avg = work[i].m;
+      c.exp_avg_sq = work[i].v;
+      c.max_exp_avg_sq = work[i].vmax;
       c.adam = adam_scalars(m);
     } else {
-      c.prev = work[i].prev.data_ptr();
+      c.prev = work[i].prev;
     }
   }
-  slowed::cpu::SlowBounds b{m.scale, m.max_step, m.max_drift, m.floor};
-  const bool bounded = m.max_step > 0 || m.max_drift > 0;
-  std::vector<slowed::cpu::SlowFactors> f(ts.size());
-  if (bounded) {
-    const auto sums = m.adam ? slowed::cpu::adam_sums(cts) : slowed::cpu::generic_sums(cts);
-    for (size_t i = 0; i < ts.size(); ++i)
-      f[i] = slowed::cpu::slow_factors(sums[i], b, cts[i].initial != nullptr);
-  } else {
-    for (auto& fi : f) fi.a = m.scale;
-  }
+  // The same launchers and operands as the CUDA side (run_cuda).
+  slowed::detail::SlowBounds b{m.scale, m.max_step, m.max_drift, m.floor};
   if (m.adam) {
-    slowed::cpu::adam_apply(cts, f);
+    slowed::cpu::slow_tuning_adam_step(cts, b, m.decoupled);
   } else {
-    slowed::cpu::generic_apply(cts, f);
+    slowed::cpu::slow_tuning_generic_step(cts, b);
   }
   for (size_t i = 0; i < ts.size(); ++i) {
     auto back = [](at::Tensor& dst, const at::Tensor& src) {
@@ -682,11 +667,11 @@ TEST_CASE("emulated Slow Tuning results do not depend on thread or block order; 
       CHECK(same_bits(ts[i].vmax, first[i].vmax));
     }
   }
-  std::vector<slowed::cuda::SlowTuningTensor> snap(base.size());
+  std::vector<slowed::detail::SlowTuningOperands> snap(base.size());
   for (size_t i = 0; i < base.size(); ++i) {
     snap[i].param = base[i].param;
-    snap[i].aux = at::empty_like(base[i].param);
+    snap[i].prev = at::empty_like(base[i].param);
   }
   slowed::cuda::slow_tuning_snapshot(snap);
-  for (size_t i = 0; i < base.size(); ++i) CHECK(same_bits(snap[i].aux, base[i].param));
+  for (size_t i = 0; i < base.size(); ++i) CHECK(same_bits(snap[i].prev, base[i].param));
 }

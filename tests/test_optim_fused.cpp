@@ -688,11 +688,11 @@ TEST_CASE("the CUDA launch batches cover every chunk of every tensor exactly onc
   for (int i = 0; i < 60; ++i) sizes.push_back(i % 7 == 3 ? 0 : 1 + 4973 * i);
   sizes[11] = d::kMtChunk * (d::kMtBlocks + 17) + 5;
   sizes[12] = d::kMtChunk;
-  std::vector<slowed::cuda::SlowTuningTensor> ts(sizes.size());
-  std::vector<const slowed::cuda::SlowTuningTensor*> ptrs;
+  std::vector<slowed::detail::SlowTuningOperands> ts(sizes.size());
+  std::vector<const slowed::detail::SlowTuningOperands*> ptrs;
   for (size_t i = 0; i < sizes.size(); ++i) {
     ts[i].param = torch::empty({sizes[i]});
-    ts[i].hyper[5] = static_cast<float>(i);  // identifies the tensor in the launch arguments
+    ts[i].adam.step_size = static_cast<float>(i);  // hyper[5] (H_STEP_SIZE): tells the tensor
     ptrs.push_back(&ts[i]);
   }
   int total = 0;

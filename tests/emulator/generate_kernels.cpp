@@ -1,6 +1,7 @@
 // slowed_emu_generate: writes the host-C++ form of every kernel source slowed ships, for the
 // emulator (docs/emulator.md). It takes each source and variant from the library's own registry
-// (slowed::cuda::all_kernel_sources(), the list the NVRTC test compiles), so the emulator runs
+// (slowed::cuda::all_kernel_sources()) plus the test-only smoke kernels
+// (tests/support/smoke_kernels.h): the list the NVRTC test compiles. So the emulator runs
 // the text NVRTC compiles, with only these edits, each listed and counted in the output:
 //
 //   extern-C       `extern "C"` dropped (the variants of one family would clash at link time;
@@ -17,13 +18,15 @@
 //   slowed_emu_generate --out DIR --slots N [--registry] [--source FAMILY FILE]...
 //                       [--replace OLD_FILE NEW_FILE]
 //
-// --registry takes the library's sources; --source adds a source file whose __global__ functions
+// --registry takes the library's sources (and the smoke kernels); --source adds a source file whose __global__ functions
 // are its entry points (the emulator's own test kernels); --replace substitutes one text for another in every source that contains it (the
 // mutation script's injected bug) and fails unless exactly one occurrence per such source and at
 // least one source matched. N files kernels_NN.cpp are written (unused ones empty), plus
 // registry.cpp with slowed_emu_register_generated() and edits.txt, the table of edits.
 
 #include <slowed/cuda/kernels/registry.h>
+
+#include "../support/smoke_kernels.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -234,7 +237,10 @@ int main(int argc, char** argv) {
   if (out_dir.empty() || slots <= 0) die("usage: --out DIR --slots N [--registry] [--source ...]");
   if (registry) {
     std::vector<Variant> lib;
-    for (const auto* s : slowed::cuda::all_kernel_sources()) {
+    std::vector<const slowed::cuda::KernelSource*> sources = {
+        &slowed_tests::smoke_kernels_source()};
+    for (const auto* s : slowed::cuda::all_kernel_sources()) sources.push_back(s);
+    for (const auto* s : sources) {
       Variant v;
       v.family = s->family();
       v.text = s->source();

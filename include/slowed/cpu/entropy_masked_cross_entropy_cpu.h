@@ -17,9 +17,14 @@
 // normalized by the kept-token count, which is known only after all rows: the backward's
 // multiplication by the upstream gradient applies it (`scale_rows`), a pass the backward makes
 // anyway. Scalar reference: slowed/loss/entropy_masked_cross_entropy_reference.h.
+//
+// The launchers at the end (emce_rows, emce_zero_rows, emce_scale_rows) take tensors, with the
+// names and arguments of the CUDA launchers (slowed/cuda/entropy_masked_cross_entropy_cuda.h), so
+// the loss calls one mechanism per backend.
 
 #include <slowed/cpu/simd.h>
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -27,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -279,6 +285,84 @@ void scale_rows(const T* in, T* out, int64_t n, int64_t vocab, const float* row_
     if (cpu_has_avx2_fma()) return scale_avx2<T>(in, out, vocab, row_factor, factor, b, e);
 #endif
     scale_baseline<T>(in, out, vocab, row_factor, factor, b, e);
+  });
+}
+
+// ---- launchers: tensors in, as the CUDA launchers --------------------------------------------
+
+/// Calls f(T{}) with T the element type of `t`: float, c10::BFloat16 or c10::Half.
+template <class F>
+void with_row_type(const at::Tensor& t, const char* who, F&& f) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return f(float{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    case at::kHalf:
+      return f(c10::Half{});
+    default:
+      TORCH_INTERNAL_ASSERT(false, who, ": unsupported dtype ", t.scalar_type());
+  }
+}
+
+/// The row kernel: fills lse/entropy/loss (float [N]) and kept (bool [N]) and, when `grad` is
+/// defined, the keep-masked gradient (may alias `logits`). All tensors contiguous, targets int64,
+/// reference (optional) float.
+inline void emce_rows(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& targets,
+                      const at::Tensor& reference, const at::Tensor& lse,
+                      const at::Tensor& entropy, const at::Tensor& loss, const at::Tensor& kept,
+                      int64_t ignore_index, float eps, float zs, float cap, bool absolute,
+                      float threshold) {
+  RowParams p;
+  p.n = logits.size(0);
+  p.vocab = logits.size(1);
+  p.ignore_index = ignore_index;
+  p.label_smoothing = eps;
+  p.lse_square_scale = zs;
+  p.softcap = cap;
+  p.absolute = absolute;
+  p.threshold = threshold;
+  p.reference = reference.defined() ? reference.data_ptr<float>() : nullptr;
+  const RowOutputs o{lse.data_ptr<float>(), entropy.data_ptr<float>(), loss.data_ptr<float>(),
+                     kept.data_ptr<bool>()};
+  const int64_t* t = targets.data_ptr<int64_t>();
+  with_row_type(logits, "emce_rows", [&](auto tag) {
+    using T = decltype(tag);
+    entropy_masked_ce_rows<T>(logits.data_ptr<T>(), grad.defined() ? grad.data_ptr<T>() : nullptr,
+                              t, p, o);
+  });
+}
+
+/// Zeroes the gradient rows with kernel_keep && !keep (ratio mode's decision comes after the
+/// row kernel): a parallel loop over the rows, no host-side index list.
+inline void emce_zero_rows(const at::Tensor& grad, const at::Tensor& kernel_keep,
+                           const at::Tensor& keep) {
+  const int64_t n = grad.size(0), vocab = grad.size(1);
+  if (n == 0) return;
+  const at::Tensor keep_c = keep.contiguous();
+  const bool* kk = kernel_keep.data_ptr<bool>();
+  const bool* k = keep_c.data_ptr<bool>();
+  char* base = static_cast<char*>(grad.data_ptr());
+  const size_t row_bytes = static_cast<size_t>(vocab) * grad.element_size();
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(vocab, 1));
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (kk[i] && !k[i]) std::memset(base + static_cast<size_t>(i) * row_bytes, 0, row_bytes);
+    }
+  });
+}
+
+/// out = grad * factor (float, 0-dim or [N] per row), fp32 math, one rounding; out may alias
+/// grad.
+inline void emce_scale_rows(const at::Tensor& grad, const at::Tensor& factor,
+                            const at::Tensor& out) {
+  const int64_t n = grad.size(0), vocab = grad.size(1);
+  const at::Tensor f = factor.to(at::kFloat).contiguous();
+  const float* rows = f.dim() == 0 ? nullptr : f.data_ptr<float>();
+  const float scalar = f.dim() == 0 ? f.item<float>() : 1.f;
+  with_row_type(grad, "emce_scale_rows", [&](auto tag) {
+    using T = decltype(tag);
+    scale_rows<T>(grad.data_ptr<T>(), out.data_ptr<T>(), n, vocab, rows, scalar);
   });
 }
 

@@ -16,6 +16,9 @@
 // just determined, so pass 1 returns the sums below and the norm follows from the expansion
 // ||d + a u||^2 = ||d||^2 + 2a <d, u> + a^2 ||u||^2, d = theta_prev - theta_0 (slow_factors).
 //
+// The launchers at the end take the operands every backend takes
+// (slowed/detail/slow_tuning_operands.h) and make the raw-pointer list once.
+//
 // Element arithmetic is fp32 for fp32 and bf16 storage, one rounding per stored bf16 value. Sums
 // are accumulated in fp64 per chunk, then over the chunks of a tensor in chunk order, so results
 // do not depend on the number of threads. Like slowed/cpu/entropy_masked_cross_entropy_cpu.h,
@@ -24,7 +27,10 @@
 // slowed/optim/slow_tuning_optimizer.h.
 
 #include <slowed/cpu/simd.h>
+#include <slowed/detail/slow_tuning_operands.h>
+#include <slowed/detail/storage_dtype.h>
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -42,9 +48,6 @@
 
 namespace slowed {
 namespace cpu {
-
-/// Storage type shared by every operand of one tensor.
-enum class SlowStorage : int { Float32 = 0, BFloat16 = 1 };
 
 /// Per-tensor sums of pass 1, in fp64. u is the tensor's step (generic: theta_base - theta_prev;
 /// Adam: the update), p = theta_prev, d = theta_prev - theta_0, t = theta_0.
@@ -71,19 +74,12 @@ struct SlowFactors {
   double g = 1.0;
 };
 
-/// The Slow Tuning settings of one step; a bound <= 0 is off.
-struct SlowBounds {
-  double scale = 1.0;
-  double max_step = 0.0;   ///< r of max_relative_step
-  double max_drift = 0.0;  ///< R of max_relative_drift
-  double norm_floor = 0.0;
-};
-
 /// Factors from the sums (the CUDA kernels compute the same in `slow_factors` on the device):
 ///   a = s * min(1, rho / (s ||u||)),  rho = r * max(||p||, floor)   (no bound when rho = 0)
 ///   g = min(1, R_0 / ||d + a u||),    R_0 = R * max(||theta_0||, floor)   (same)
 /// NaN sums leave the factors as they are (as the reference path does): the step carries the NaN.
-inline SlowFactors slow_factors(const SlowSums& s, const SlowBounds& b, bool has_initial) {
+inline SlowFactors slow_factors(const SlowSums& s, const slowed::detail::SlowBounds& b,
+                               bool has_initial) {
   SlowFactors f;
   f.a = b.scale;
   if (b.max_step > 0) {
@@ -99,21 +95,14 @@ inline SlowFactors slow_factors(const SlowSums& s, const SlowBounds& b, bool has
   return f;
 }
 
-/// Hyper-parameters of one tensor's Adam step, rounded to fp32 as ATen rounds the scalar
-/// arguments of torch::optim::AdamW's ops for fp32 and bf16 tensors.
-struct AdamScalars {
-  float beta1 = 0.f, beta2 = 0.f;
-  float one_minus_beta1 = 1.f, one_minus_beta2 = 1.f;  ///< 1 - beta, formed in fp64
-  float eps = 0.f;
-  float step_size = 0.f;     ///< lr / (1 - beta1^t)
-  float bc2_sqrt = 1.f;      ///< sqrt(1 - beta2^t)
-  float weight_decay = 0.f;  ///< AdamW: lr * weight_decay (decoupled); Adam: weight_decay (L2)
-  bool decoupled = false;    ///< AdamW
-  bool amsgrad = false;
-};
+/// Elements per chunk: the unit of parallel work and of the fixed summation order.
+inline constexpr int64_t kSlowChunk = 16384;
 
-/// Operands of one tensor: raw pointers to contiguous storage of `numel` elements.
-struct SlowTensor {
+namespace detail {
+
+/// One tensor's operands as the chunk loops read them: raw pointers to contiguous storage of
+/// `numel` elements (made from slowed::detail::SlowTuningOperands by the launchers below).
+struct SlowPointers {
   void* param = nullptr;
   const void* prev = nullptr;     ///< generic: the snapshot theta_prev (nullptr: no rewrite)
   const void* grad = nullptr;     ///< Adam
@@ -122,14 +111,10 @@ struct SlowTensor {
   void* max_exp_avg_sq = nullptr; ///< Adam with amsgrad
   const void* initial = nullptr;  ///< theta_0 (nullptr: no drift projection)
   int64_t numel = 0;
-  SlowStorage storage = SlowStorage::Float32;
-  AdamScalars adam;
+  slowed::detail::StorageDtype storage = slowed::detail::StorageDtype::Float32;
+  slowed::detail::AdamSettings adam;
+  bool decoupled = false;         ///< AdamW's weight decay
 };
-
-/// Elements per chunk: the unit of parallel work and of the fixed summation order.
-inline constexpr int64_t kSlowChunk = 16384;
-
-namespace detail {
 
 using d4 = double __attribute__((vector_size(32)));
 using f4 = float __attribute__((vector_size(16)));
@@ -138,7 +123,7 @@ struct Chunk {
   int64_t tensor, begin, end;
 };
 
-inline std::vector<Chunk> make_chunks(const std::vector<SlowTensor>& ts) {
+inline std::vector<Chunk> make_chunks(const std::vector<SlowPointers>& ts) {
   std::vector<Chunk> chunks;
   for (size_t i = 0; i < ts.size(); ++i) {
     for (int64_t b = 0; b < ts[i].numel; b += kSlowChunk) {
@@ -263,13 +248,10 @@ SLOWED_SIMD_INLINE SlowSums acc_sums(const Acc& a) {
   return s;
 }
 
-// ---- generic path: x = theta after Base::step, p = theta_prev (x when no snapshot) ----------
-
+/// The five sums' terms of 8 elements: u the step, p = theta_prev, and with theta_0 (kInit)
+/// d = p - theta_0 and theta_0 itself.
 template <class T, bool kFull, bool kAvx2, bool kInit>
-SLOWED_SIMD_INLINE void generic_sums_lanes(const SlowTensor& t, int64_t i, int n, Acc& acc) {
-  const f8 x = ld<T, kFull>(t.param, i, n);
-  const f8 p = t.prev ? ld<T, kFull>(t.prev, i, n) : x;
-  const f8 u = x - p;
+SLOWED_SIMD_INLINE void add_sums(Acc& acc, f8 u, f8 p, const SlowPointers& t, int64_t i, int n) {
   acc_add<kAvx2>(acc, 0, u, u);
   acc_add<kAvx2>(acc, 1, p, p);
   if constexpr (kInit) {
@@ -281,10 +263,19 @@ SLOWED_SIMD_INLINE void generic_sums_lanes(const SlowTensor& t, int64_t i, int n
   }
 }
 
+// ---- generic path: x = theta after Base::step, p = theta_prev (x when no snapshot) ----------
+
+template <class T, bool kFull, bool kAvx2, bool kInit>
+SLOWED_SIMD_INLINE void generic_sums_lanes(const SlowPointers& t, int64_t i, int n, Acc& acc) {
+  const f8 x = ld<T, kFull>(t.param, i, n);
+  const f8 p = t.prev ? ld<T, kFull>(t.prev, i, n) : x;
+  add_sums<T, kFull, kAvx2, kInit>(acc, x - p, p, t, i, n);
+}
+
 // theta = x - (1 - a)(x - p), so that a = 1 leaves x bitwise as Base wrote it (the reference
 // path's form); then the projection when g < 1.
 template <class T, bool kFull>
-SLOWED_SIMD_INLINE void generic_apply_lanes(const SlowTensor& t, int64_t i, int n, f8 one_minus_a,
+SLOWED_SIMD_INLINE void generic_apply_lanes(const SlowPointers& t, int64_t i, int n, f8 one_minus_a,
                                             bool rewrite, f8 one_minus_g, bool project) {
   f8 x = ld<T, kFull>(t.param, i, n);
   if (rewrite) x = x - one_minus_a * (x - ld<T, kFull>(t.prev, i, n));
@@ -298,13 +289,13 @@ struct AdamLanes {
   f8 m, v, vmax, u;
 };
 
-/// AdamScalars broadcast to 8 lanes once per chunk (not once per vector).
+/// AdamSettings broadcast to 8 lanes once per chunk (not once per vector).
 struct AdamVec {
   f8 beta1, beta2, one_minus_beta1, one_minus_beta2, eps, neg_step_size, bc2_sqrt, weight_decay;
   bool l2, decoupled_wd, amsgrad;
 };
 
-SLOWED_SIMD_INLINE AdamVec adam_vec(const AdamScalars& h) {
+SLOWED_SIMD_INLINE AdamVec adam_vec(const slowed::detail::AdamSettings& h, bool decoupled) {
   AdamVec v;
   v.beta1 = splat(h.beta1);
   v.beta2 = splat(h.beta2);
@@ -314,8 +305,8 @@ SLOWED_SIMD_INLINE AdamVec adam_vec(const AdamScalars& h) {
   v.neg_step_size = splat(-h.step_size);
   v.bc2_sqrt = splat(h.bc2_sqrt);
   v.weight_decay = splat(h.weight_decay);
-  v.l2 = !h.decoupled && h.weight_decay != 0.f;
-  v.decoupled_wd = h.decoupled && h.weight_decay != 0.f;
+  v.l2 = !decoupled && h.weight_decay != 0.f;
+  v.decoupled_wd = decoupled && h.weight_decay != 0.f;
   v.amsgrad = h.amsgrad;
   return v;
 }
@@ -345,7 +336,7 @@ SLOWED_SIMD_INLINE AdamLanes adam_lanes(f8 p, f8 g, f8 m, f8 v, f8 vmax, const A
 }
 
 template <class T, bool kFull, bool kAvx2>
-SLOWED_SIMD_INLINE AdamLanes adam_load(const SlowTensor& t, const AdamVec& h, int64_t i, int n,
+SLOWED_SIMD_INLINE AdamLanes adam_load(const SlowPointers& t, const AdamVec& h, int64_t i, int n,
                                        f8& p) {
   p = ld<T, kFull>(t.param, i, n);
   const f8 g = ld<T, kFull>(t.grad, i, n);
@@ -356,7 +347,7 @@ SLOWED_SIMD_INLINE AdamLanes adam_load(const SlowTensor& t, const AdamVec& h, in
 }
 
 template <class T, bool kFull, bool kAvx2, bool kInit>
-SLOWED_SIMD_INLINE void adam_sums_lanes(const SlowTensor& t, const AdamVec& h, int64_t i, int n,
+SLOWED_SIMD_INLINE void adam_sums_lanes(const SlowPointers& t, const AdamVec& h, int64_t i, int n,
                                         Acc& acc) {
   f8 p;
   const AdamLanes r = adam_load<T, kFull, kAvx2>(t, h, i, n, p);
@@ -365,31 +356,14 @@ SLOWED_SIMD_INLINE void adam_sums_lanes(const SlowTensor& t, const AdamVec& h, i
     // so mask them out of the sums.
     f8 keep;
     for (int l = 0; l < kLanes; ++l) keep[l] = l < n ? 1.f : 0.f;
-    const f8 u = select(keep > splat(0.f), r.u, splat(0.f));
-    acc_add<kAvx2>(acc, 0, u, u);
-    acc_add<kAvx2>(acc, 1, p, p);
-    if constexpr (kInit) {
-      const f8 t0 = ld<T, kFull>(t.initial, i, n);
-      const f8 d = p - t0;
-      acc_add<kAvx2>(acc, 2, d, u);
-      acc_add<kAvx2>(acc, 3, d, d);
-      acc_add<kAvx2>(acc, 4, t0, t0);
-    }
+    add_sums<T, kFull, kAvx2, kInit>(acc, select(keep > splat(0.f), r.u, splat(0.f)), p, t, i, n);
   } else {
-    acc_add<kAvx2>(acc, 0, r.u, r.u);
-    acc_add<kAvx2>(acc, 1, p, p);
-    if constexpr (kInit) {
-      const f8 t0 = ld<T, kFull>(t.initial, i, n);
-      const f8 d = p - t0;
-      acc_add<kAvx2>(acc, 2, d, r.u);
-      acc_add<kAvx2>(acc, 3, d, d);
-      acc_add<kAvx2>(acc, 4, t0, t0);
-    }
+    add_sums<T, kFull, kAvx2, kInit>(acc, r.u, p, t, i, n);
   }
 }
 
 template <class T, bool kFull, bool kAvx2>
-SLOWED_SIMD_INLINE void adam_apply_lanes(const SlowTensor& t, const AdamVec& h, int64_t i, int n,
+SLOWED_SIMD_INLINE void adam_apply_lanes(const SlowPointers& t, const AdamVec& h, int64_t i, int n,
                                          f8 a, f8 one_minus_g, bool project) {
   f8 p;
   const AdamLanes r = adam_load<T, kFull, kAvx2>(t, h, i, n, p);
@@ -406,12 +380,12 @@ SLOWED_SIMD_INLINE void adam_apply_lanes(const SlowTensor& t, const AdamVec& h, 
 enum class Pass { GenericSums, GenericApply, AdamSums, AdamApply };
 
 template <class T, Pass kPass, bool kAvx2, bool kInit>
-SLOWED_SIMD_INLINE void chunk_lanes(const SlowTensor& tensor, int64_t b, int64_t e, SlowFactors f,
+SLOWED_SIMD_INLINE void chunk_lanes(const SlowPointers& tensor, int64_t b, int64_t e, SlowFactors f,
                                     SlowSums* out) {
   // Local copies: the stores through the tensor pointers cannot alias them, so pointers and
   // broadcast scalars stay in registers across the loop.
-  const SlowTensor t = tensor;
-  const AdamVec h = adam_vec(t.adam);
+  const SlowPointers t = tensor;
+  const AdamVec h = adam_vec(t.adam, t.decoupled);
   Acc acc;
   acc_zero(acc);
   const f8 one_minus_a = splat(static_cast<float>(1.0 - f.a));
@@ -447,7 +421,7 @@ SLOWED_SIMD_INLINE void chunk_lanes(const SlowTensor& tensor, int64_t b, int64_t
 // theta_0 present or not is a template argument of the sums passes (it decides how many
 // accumulators are live); the apply passes test it once per chunk.
 template <class T, Pass kPass, bool kAvx2>
-SLOWED_SIMD_INLINE void chunk_body(const SlowTensor& t, int64_t b, int64_t e, SlowFactors f,
+SLOWED_SIMD_INLINE void chunk_body(const SlowPointers& t, int64_t b, int64_t e, SlowFactors f,
                                    SlowSums* out) {
   constexpr bool kSums = kPass == Pass::GenericSums || kPass == Pass::AdamSums;
   if (kSums && t.initial != nullptr) return chunk_lanes<T, kPass, kAvx2, true>(t, b, e, f, out);
@@ -455,21 +429,21 @@ SLOWED_SIMD_INLINE void chunk_body(const SlowTensor& t, int64_t b, int64_t e, Sl
 }
 
 template <class T, Pass kPass>
-void chunk_base(const SlowTensor& t, int64_t b, int64_t e, SlowFactors f, SlowSums* out) {
+void chunk_base(const SlowPointers& t, int64_t b, int64_t e, SlowFactors f, SlowSums* out) {
   chunk_body<T, kPass, false>(t, b, e, f, out);
 }
 
 #ifdef SLOWED_HAVE_AVX2_DISPATCH
 template <class T, Pass kPass>
-SLOWED_TARGET_AVX2 void chunk_avx2(const SlowTensor& t, int64_t b, int64_t e, SlowFactors f,
+SLOWED_TARGET_AVX2 void chunk_avx2(const SlowPointers& t, int64_t b, int64_t e, SlowFactors f,
                                    SlowSums* out) {
   chunk_body<T, kPass, true>(t, b, e, f, out);
 }
 #endif
 
 template <Pass kPass>
-void run_chunk(const SlowTensor& t, int64_t b, int64_t e, SlowFactors f, SlowSums* out) {
-  const bool bf16 = t.storage == SlowStorage::BFloat16;
+void run_chunk(const SlowPointers& t, int64_t b, int64_t e, SlowFactors f, SlowSums* out) {
+  const bool bf16 = t.storage == slowed::detail::StorageDtype::BFloat16;
 #ifdef SLOWED_HAVE_AVX2_DISPATCH
   if (cpu_has_avx2_fma()) {
     return bf16 ? chunk_avx2<uint16_t, kPass>(t, b, e, f, out)
@@ -482,7 +456,7 @@ void run_chunk(const SlowTensor& t, int64_t b, int64_t e, SlowFactors f, SlowSum
 
 /// Pass 1: per-chunk sums in parallel, then per tensor in chunk order.
 template <Pass kPass>
-std::vector<SlowSums> sums_pass(const std::vector<SlowTensor>& ts) {
+std::vector<SlowSums> sums_pass(const std::vector<SlowPointers>& ts) {
   const auto chunks = make_chunks(ts);
   std::vector<SlowSums> partial(chunks.size());
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
@@ -500,8 +474,8 @@ std::vector<SlowSums> sums_pass(const std::vector<SlowTensor>& ts) {
 /// Pass 2: every chunk in parallel with its tensor's factors. Generic tensors whose factors
 /// are (1, 1) are skipped (bitwise unchanged).
 template <Pass kPass>
-void apply_pass(const std::vector<SlowTensor>& ts, const std::vector<SlowFactors>& f) {
-  std::vector<SlowTensor> todo;
+void apply_pass(const std::vector<SlowPointers>& ts, const std::vector<SlowFactors>& f) {
+  std::vector<SlowPointers> todo;
   std::vector<SlowFactors> todo_f;
   for (size_t i = 0; i < ts.size(); ++i) {
     const bool noop = kPass == Pass::GenericApply &&
@@ -521,27 +495,73 @@ void apply_pass(const std::vector<SlowTensor>& ts, const std::vector<SlowFactors
   });
 }
 
+/// The chunk loops' pointer list of `ts`; `decoupled` selects AdamW's weight decay.
+inline std::vector<SlowPointers> pointers(const std::vector<slowed::detail::SlowTuningOperands>& ts,
+                                          bool decoupled) {
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
+  std::vector<SlowPointers> out(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const auto& t = ts[i];
+    const auto storage = slowed::detail::storage_dtype(t.param.scalar_type(),
+                                                       "SlowTuningOptimizer parameters");
+    TORCH_INTERNAL_ASSERT(storage != slowed::detail::StorageDtype::Float16,
+                          "the CPU Slow Tuning kernels take float32 or bfloat16");
+    SlowPointers& p = out[i];
+    p.param = t.param.data_ptr();
+    p.prev = ptr(t.prev);
+    p.grad = ptr(t.grad);
+    p.exp_avg = ptr(t.exp_avg);
+    p.exp_avg_sq = ptr(t.exp_avg_sq);
+    p.max_exp_avg_sq = t.adam.amsgrad ? ptr(t.max_exp_avg_sq) : nullptr;
+    p.initial = ptr(t.initial);
+    p.numel = t.param.numel();
+    p.storage = storage;
+    p.adam = t.adam;
+    p.decoupled = decoupled;
+  }
+  return out;
+}
+
+/// Pass 1 when a bound is on, the factors, pass 2.
+template <Pass kSums, Pass kApply>
+void two_pass(const std::vector<SlowPointers>& ts, const slowed::detail::SlowBounds& b) {
+  std::vector<SlowFactors> f(ts.size());
+  if (b.any()) {
+    const auto sums = sums_pass<kSums>(ts);
+    for (size_t i = 0; i < ts.size(); ++i) {
+      f[i] = slow_factors(sums[i], b, ts[i].initial != nullptr);
+    }
+  } else {
+    for (auto& fi : f) fi.a = b.scale;
+  }
+  apply_pass<kApply>(ts, f);
+}
+
 }  // namespace detail
 
-/// Generic pass 1 over tensors whose `param` holds Base's new values: the sums with
-/// u = theta - prev (0 without a snapshot), p = prev (theta without one), d = p - initial.
-inline std::vector<SlowSums> generic_sums(const std::vector<SlowTensor>& ts) {
-  return detail::sums_pass<detail::Pass::GenericSums>(ts);
+/// theta_prev <- theta for every tensor (`prev`, allocated by the caller, receives a bitwise
+/// copy of `param`): the snapshot of the generic path.
+inline void slow_tuning_snapshot(const std::vector<slowed::detail::SlowTuningOperands>& ts) {
+  for (const auto& t : ts) t.prev.copy_(t.param);
 }
 
-/// Generic pass 2: theta <- theta - (1 - a)(theta - prev), then the projection when g < 1.
-inline void generic_apply(const std::vector<SlowTensor>& ts, const std::vector<SlowFactors>& f) {
-  detail::apply_pass<detail::Pass::GenericApply>(ts, f);
+/// The generic path after Base::step: `param` holds Base's new values, `prev` the snapshot (or
+/// undefined when the scale is 1 and no step bound is on), `initial` theta_0 for the drift
+/// bound. Pass 1 (the sums u = theta - prev, p = prev, d = p - initial) only when a bound is on;
+/// pass 2 writes theta <- theta - (1 - a)(theta - prev), then the projection when g < 1.
+inline void slow_tuning_generic_step(const std::vector<slowed::detail::SlowTuningOperands>& ts,
+                                     const slowed::detail::SlowBounds& b) {
+  detail::two_pass<detail::Pass::GenericSums, detail::Pass::GenericApply>(
+      detail::pointers(ts, false), b);
 }
 
-/// Adam pass 1: the sums of the Adam update u of every tensor; writes nothing.
-inline std::vector<SlowSums> adam_sums(const std::vector<SlowTensor>& ts) {
-  return detail::sums_pass<detail::Pass::AdamSums>(ts);
-}
-
-/// Adam pass 2: theta <- theta + a u (then the projection when g < 1), and the moments.
-inline void adam_apply(const std::vector<SlowTensor>& ts, const std::vector<SlowFactors>& f) {
-  detail::apply_pass<detail::Pass::AdamApply>(ts, f);
+/// The Adam path: pass 1 (when a bound is on) the sums of the Adam update u, writing nothing;
+/// pass 2 theta <- theta + a u (then the projection when g < 1) and the moments. The step
+/// counters are the caller's; `decoupled` selects AdamW's weight decay.
+inline void slow_tuning_adam_step(const std::vector<slowed::detail::SlowTuningOperands>& ts,
+                                  const slowed::detail::SlowBounds& b, bool decoupled) {
+  detail::two_pass<detail::Pass::AdamSums, detail::Pass::AdamApply>(
+      detail::pointers(ts, decoupled), b);
 }
 
 }  // namespace cpu

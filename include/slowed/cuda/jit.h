@@ -413,7 +413,8 @@ inline CompileResult compile_kernel(const KernelSource& source, int arch_major, 
 /// Example:
 /// ```
 /// std::string elf = slowed::cuda::compile_to_binary(
-///     slowed::cuda::kernels::smoke_kernels_source(), 8, 0, /*cubin=*/true);
+///     slowed::cuda::kernels::slow_tuning_source(slowed::detail::StorageDtype::Float32), 8, 0,
+///     /*cubin=*/true);
 /// ```
 inline std::string compile_to_binary(const KernelSource& source, int arch_major, int arch_minor,
                                      bool cubin) {
@@ -491,8 +492,9 @@ inline KernelBackend* set_kernel_backend(KernelBackend* backend) {
 ///
 /// Example:
 /// ```
-/// const auto& k = slowed::cuda::get_kernel(slowed::cuda::kernels::smoke_kernels_source(),
-///                                          "slowed_scale_add_f32", x.device());
+/// const auto& k = slowed::cuda::get_kernel(
+///     slowed::cuda::kernels::entropy_masked_ce_source(slowed::detail::StorageDtype::BFloat16),
+///     "slowed_emce_scale_rows", x.device());
 /// ```
 inline const KernelHandle& get_kernel(const KernelSource& source, const std::string& kernel_name,
                                       c10::Device device) {

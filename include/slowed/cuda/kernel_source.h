@@ -98,7 +98,7 @@ class KernelSource {
     source_hash_ = detail::fnv1a64(source_);
   }
 
-  /// Family name, e.g. "smoke_scale_add": names cache files and appears in every error.
+  /// Family name, e.g. "slow_tuning": names cache files and appears in every error.
   const std::string& family() const { return family_; }
   /// The CUDA C++ source text (no #include).
   const std::string& source() const { return source_; }

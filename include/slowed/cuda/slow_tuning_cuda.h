@@ -1,8 +1,10 @@
 #pragma once
 
 // Host side of the fused CUDA Slow Tuning kernels (slowed/cuda/kernels/slow_tuning_kernels.h):
-// tensors -> chunk lists in by-value kernel arguments, launches on torch's current stream
-// through the run-time compiler (slowed/cuda/jit.h). No CUDA headers: this compiles against a
+// the operands every backend takes (slowed/detail/slow_tuning_operands.h; the CPU twin is
+// slowed/cpu/slow_tuning_cpu.h, same launchers) -> chunk lists in by-value kernel arguments,
+// packed once here, launched on torch's current stream through the run-time compiler
+// (slowed/cuda/jit.h). No CUDA headers: this compiles against a
 // CPU-only LibTorch and switches on at run time for CUDA tensors.
 //
 // Status: the kernels compile with NVRTC for sm_80/sm_90 in every test run but have not yet run
@@ -11,8 +13,9 @@
 // loss); otherwise CUDA tensors take the ATen reference path, which is correct everywhere.
 
 #include <slowed/cuda/jit.h>
-#include <slowed/cuda/storage_dtype.h>
 #include <slowed/cuda/kernels/slow_tuning_kernels.h>
+#include <slowed/detail/slow_tuning_operands.h>
+#include <slowed/detail/storage_dtype.h>
 
 #include <ATen/ATen.h>
 
@@ -24,31 +27,6 @@
 
 namespace slowed {
 namespace cuda {
-
-/// One tensor's operands for the multi-tensor kernels. Every defined tensor is contiguous, has
-/// `param`'s dtype (float32, bfloat16 or float16), device and number of elements.
-struct SlowTuningTensor {
-  at::Tensor param;
-  at::Tensor aux;         ///< generic: the snapshot theta_prev (undefined: none); Adam: the gradient
-  at::Tensor exp_avg;     ///< Adam
-  at::Tensor exp_avg_sq;  ///< Adam
-  at::Tensor max_exp_avg_sq;  ///< Adam with amsgrad
-  at::Tensor initial;     ///< theta_0 (undefined: no drift projection for this tensor)
-  /// Adam hyper-parameters (fp32, as torch::optim::AdamW's ops round them): beta1, beta2,
-  /// 1 - beta1, 1 - beta2, eps, lr / (1 - beta1^t), sqrt(1 - beta2^t), weight decay (AdamW:
-  /// lr * weight_decay; Adam: weight_decay).
-  float hyper[8] = {0.f, 0.f, 1.f, 1.f, 0.f, 0.f, 1.f, 0.f};
-  bool amsgrad = false;
-};
-
-/// Slow Tuning settings of one step; a bound <= 0 is off.
-struct SlowTuningLaunchBounds {
-  double scale = 1.0;
-  double max_step = 0.0;
-  double max_drift = 0.0;
-  double norm_floor = 0.0;
-  bool any() const { return max_step > 0.0 || max_drift > 0.0; }
-};
 
 namespace detail {
 
@@ -71,26 +49,33 @@ static_assert(sizeof(SlowMtArgs) == 3832, "SlowMtArgs: layout differs from the k
 
 inline void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
+using Operands = slowed::detail::SlowTuningOperands;
+
 /// Calls launch(args, blocks) for every batch of chunks of `ts` (one dtype), as PyTorch's
-/// multi_tensor_apply batches them; first_slot[i] is tensor i's first partial-sum slot.
+/// multi_tensor_apply batches them; first_slot[i] is tensor i's first partial-sum slot. Slot
+/// AUX of SlowMtArgs::ptr is the gradient for the Adam kernels (`adam`), else the snapshot
+/// `prev`; the Adam settings go to SlowMtArgs::hyper in the kernels' H_* order.
 template <class Launch>
-void for_each_batch(const std::vector<const SlowTuningTensor*>& ts,
-                    const std::vector<int>& first_slot, bool snapshot, Launch&& launch) {
+void for_each_batch(const std::vector<const Operands*>& ts, const std::vector<int>& first_slot,
+                    bool adam, Launch&& launch) {
   SlowMtArgs args;
   std::memset(&args, 0, sizeof args);
   int nt = 0, nb = 0;
   auto fill = [&](int slot, size_t i) {
-    const SlowTuningTensor& t = *ts[i];
-    args.ptr[0][slot] = t.param.data_ptr();
-    args.ptr[1][slot] = ptr_or_null(t.aux);
-    args.ptr[2][slot] = snapshot ? nullptr : ptr_or_null(t.exp_avg);
-    args.ptr[3][slot] = snapshot ? nullptr : ptr_or_null(t.exp_avg_sq);
-    args.ptr[4][slot] = snapshot ? nullptr : ptr_or_null(t.max_exp_avg_sq);
-    args.ptr[5][slot] = snapshot ? nullptr : ptr_or_null(t.initial);
+    const Operands& t = *ts[i];
+    const slowed::detail::AdamSettings& h = t.adam;
+    args.ptr[0][slot] = t.param.data_ptr();                   // SLOT_PARAM
+    args.ptr[1][slot] = ptr_or_null(adam ? t.grad : t.prev);  // SLOT_AUX
+    args.ptr[2][slot] = ptr_or_null(t.exp_avg);
+    args.ptr[3][slot] = ptr_or_null(t.exp_avg_sq);
+    args.ptr[4][slot] = h.amsgrad ? ptr_or_null(t.max_exp_avg_sq) : nullptr;
+    args.ptr[5][slot] = ptr_or_null(t.initial);               // SLOT_INITIAL
     args.numel[slot] = t.param.numel();
-    for (int k = 0; k < 8; ++k) args.hyper[k][slot] = t.hyper[k];
+    const float hyper[8] = {h.beta1, h.beta2,     h.one_minus_beta1, h.one_minus_beta2,
+                            h.eps,   h.step_size, h.bc2_sqrt,        h.weight_decay};
+    for (int k = 0; k < 8; ++k) args.hyper[k][slot] = hyper[k];
     args.first_slot[slot] = first_slot[i];
-    args.amsgrad[slot] = t.amsgrad ? 1 : 0;
+    args.amsgrad[slot] = h.amsgrad ? 1 : 0;
   };
   for (size_t i = 0; i < ts.size(); ++i) {
     const int64_t n = ts[i]->param.numel();
@@ -119,16 +104,18 @@ void for_each_batch(const std::vector<const SlowTuningTensor*>& ts,
 }
 
 /// Tensors of one call grouped by storage dtype (each dtype is a kernel variant).
-inline std::map<int, std::vector<const SlowTuningTensor*>> by_dtype(
-    const std::vector<SlowTuningTensor>& ts) {
-  std::map<int, std::vector<const SlowTuningTensor*>> groups;
-  for (const auto& t : ts)
-    groups[storage_code(t.param.scalar_type(), "SlowTuningOptimizer parameters")].push_back(&t);
+inline std::map<slowed::detail::StorageDtype, std::vector<const Operands*>> by_dtype(
+    const std::vector<Operands>& ts) {
+  std::map<slowed::detail::StorageDtype, std::vector<const Operands*>> groups;
+  for (const auto& t : ts) {
+    groups[slowed::detail::storage_dtype(t.param.scalar_type(), "SlowTuningOptimizer parameters")]
+        .push_back(&t);
+  }
   return groups;
 }
 
 /// Partial-sum slots: one per chunk, tensor by tensor.
-inline std::vector<int> slot_layout(const std::vector<const SlowTuningTensor*>& ts, int* total) {
+inline std::vector<int> slot_layout(const std::vector<const Operands*>& ts, int* total) {
   std::vector<int> first(ts.size());
   int64_t next = 0;
   for (size_t i = 0; i < ts.size(); ++i) {
@@ -141,11 +128,13 @@ inline std::vector<int> slot_layout(const std::vector<const SlowTuningTensor*>& 
   return first;
 }
 
-/// Pass 1 (when a bound is on) and pass 2 of one dtype group.
-inline void two_pass(const std::vector<const SlowTuningTensor*>& ts, int dtype,
-                     const SlowTuningLaunchBounds& b, const char* sums_kernel,
-                     const char* apply_kernel, bool decoupled) {
+/// Pass 1 (when a bound is on) and pass 2 of one dtype group, of the Adam kernels (`adam`) or
+/// the generic ones.
+inline void two_pass(const std::vector<const Operands*>& ts, slowed::detail::StorageDtype dtype,
+                     const slowed::detail::SlowBounds& b, bool adam, bool decoupled) {
   if (ts.empty()) return;
+  const char* sums_kernel = adam ? "slowed_st_adam_sums" : "slowed_st_generic_sums";
+  const char* apply_kernel = adam ? "slowed_st_adam_apply" : "slowed_st_generic_apply";
   const c10::Device device = ts.front()->param.device();
   const KernelSource& source = kernels::slow_tuning_source(dtype);
   int total = 0;
@@ -158,14 +147,14 @@ inline void two_pass(const std::vector<const SlowTuningTensor*>& ts, int dtype,
                          ts.front()->param.options().dtype(at::kDouble));
     partials_p = partials.data_ptr();
     const KernelHandle& k = get_kernel(source, sums_kernel, device);
-    for_each_batch(ts, first, false, [&](SlowMtArgs& args, int blocks) {
+    for_each_batch(ts, first, adam, [&](SlowMtArgs& args, int blocks) {
       void* params[] = {&args, &partials_p, &decoupled_flag};  // generic: the first two
       launch(k, {static_cast<unsigned>(blocks)}, {kMtThreads}, 0, params, device);
     });
   }
   double scale = b.scale, max_step = b.max_step, max_drift = b.max_drift, floor = b.norm_floor;
   const KernelHandle& k = get_kernel(source, apply_kernel, device);
-  for_each_batch(ts, first, false, [&](SlowMtArgs& args, int blocks) {
+  for_each_batch(ts, first, adam, [&](SlowMtArgs& args, int blocks) {
     // The generic apply kernel takes the first six (cuLaunchKernel reads as many arguments as
     // the kernel declares).
     void* params[] = {&args, &partials_p, &scale, &max_step, &max_drift, &floor, &decoupled_flag};
@@ -175,39 +164,37 @@ inline void two_pass(const std::vector<const SlowTuningTensor*>& ts, int dtype,
 
 }  // namespace detail
 
-/// theta_prev <- theta for every tensor (`aux` receives a bitwise copy of `param`): the
-/// snapshot of the generic path, a few launches for all tensors.
-inline void slow_tuning_snapshot(const std::vector<SlowTuningTensor>& ts) {
+/// theta_prev <- theta for every tensor (`prev`, allocated by the caller, receives a bitwise
+/// copy of `param`): the snapshot of the generic path, a few launches for all tensors.
+inline void slow_tuning_snapshot(const std::vector<slowed::detail::SlowTuningOperands>& ts) {
   for (const auto& group : detail::by_dtype(ts)) {
     const c10::Device device = group.second.front()->param.device();
     const auto& k =
         get_kernel(kernels::slow_tuning_source(group.first), "slowed_st_snapshot", device);
     const std::vector<int> first(group.second.size(), 0);
-    detail::for_each_batch(group.second, first, true, [&](detail::SlowMtArgs& args, int blocks) {
+    detail::for_each_batch(group.second, first, false, [&](detail::SlowMtArgs& args, int blocks) {
       void* params[] = {&args};
       launch(k, {static_cast<unsigned>(blocks)}, {detail::kMtThreads}, 0, params, device);
     });
   }
 }
 
-/// The generic path after Base::step: `param` holds Base's new values, `aux` the snapshot (or
+/// The generic path after Base::step: `param` holds Base's new values, `prev` the snapshot (or
 /// undefined when the scale is 1 and no step bound is on), `initial` theta_0 for the drift
 /// bound. Pass 1 only when a bound is on.
-inline void slow_tuning_generic_step(const std::vector<SlowTuningTensor>& ts,
-                                     const SlowTuningLaunchBounds& b) {
+inline void slow_tuning_generic_step(const std::vector<slowed::detail::SlowTuningOperands>& ts,
+                                     const slowed::detail::SlowBounds& b) {
   for (const auto& group : detail::by_dtype(ts)) {
-    detail::two_pass(group.second, group.first, b, "slowed_st_generic_sums",
-                     "slowed_st_generic_apply", false);
+    detail::two_pass(group.second, group.first, b, /*adam=*/false, /*decoupled=*/false);
   }
 }
 
-/// The Adam path: `aux` is the gradient; the moments and the step counters are the caller's
-/// (torch::optim::AdamW's state objects). `decoupled` selects AdamW's weight decay.
-inline void slow_tuning_adam_step(const std::vector<SlowTuningTensor>& ts,
-                                  const SlowTuningLaunchBounds& b, bool decoupled) {
+/// The Adam path: the moments and the step counters are the caller's (torch::optim::AdamW's
+/// state objects). `decoupled` selects AdamW's weight decay.
+inline void slow_tuning_adam_step(const std::vector<slowed::detail::SlowTuningOperands>& ts,
+                                  const slowed::detail::SlowBounds& b, bool decoupled) {
   for (const auto& group : detail::by_dtype(ts)) {
-    detail::two_pass(group.second, group.first, b, "slowed_st_adam_sums", "slowed_st_adam_apply",
-                     decoupled);
+    detail::two_pass(group.second, group.first, b, /*adam=*/true, decoupled);
   }
 }
 

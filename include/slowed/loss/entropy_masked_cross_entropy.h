@@ -10,7 +10,7 @@
 // upstream gradient, per token for Reduction::None.
 
 #include <slowed/cpu/entropy_masked_cross_entropy_cpu.h>
-#include <slowed/cuda/entropy_masked_ce_cuda.h>
+#include <slowed/cuda/entropy_masked_cross_entropy_cuda.h>
 #include <slowed/detail/backend.h>
 #include <slowed/detail/check.h>
 #include <slowed/loss/entropy_mask_stats.h>
@@ -205,68 +205,37 @@ inline bool use_fused_cpu(const at::Tensor& logits, const EntropyMaskedCrossEntr
          (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf);
 }
 
-/// Phase A (and C) with the fused CUDA kernel; same outputs as `fused_cpu_rows`.
-inline RowTerms fused_cuda_rows(const FlatInputs& in, const EntropyMaskedCrossEntropyOptions& opt,
-                                at::Tensor& grad, at::Tensor& kernel_keep) {
+/// A fused row kernel's launcher: cpu::emce_rows or cuda::emce_rows (the same arguments).
+using RowsLauncher = decltype(&cuda::emce_rows);
+
+/// Phase A (and C) with a fused row kernel: per-row terms, the kernel's keep decision and, when
+/// `grad` is defined, keep_i * dloss_i/dz written into it.
+inline RowTerms fused_rows(const FlatInputs& in, const EntropyMaskedCrossEntropyOptions& opt,
+                           at::Tensor& grad, at::Tensor& kernel_keep, RowsLauncher launch) {
   const int64_t n = in.logits.size(0);
   auto f32 = in.logits.options().dtype(at::kFloat);
   RowTerms terms{at::empty({n}, f32), at::empty({n}, f32), at::empty({n}, f32)};
   kernel_keep = at::empty({n}, f32.dtype(at::kBool));
   at::Tensor reference = in.reference.defined() ? in.reference.to(at::kFloat).contiguous()
                                                 : at::Tensor();
-  cuda::emce_rows(in.logits.contiguous(), grad, in.targets.contiguous(), reference, terms.lse,
-                  terms.entropy, terms.loss, kernel_keep, opt.ignore_index(),
-                  static_cast<float>(opt.label_smoothing()),
-                  static_cast<float>(opt.lse_square_scale()), static_cast<float>(opt.softcap()),
-                  opt.threshold_mode() == ThresholdMode::Absolute,
-                  static_cast<float>(opt.entropy_threshold()));
+  launch(in.logits.contiguous(), grad, in.targets.contiguous(), reference, terms.lse,
+         terms.entropy, terms.loss, kernel_keep, opt.ignore_index(),
+         static_cast<float>(opt.label_smoothing()), static_cast<float>(opt.lse_square_scale()),
+         static_cast<float>(opt.softcap()), opt.threshold_mode() == ThresholdMode::Absolute,
+         static_cast<float>(opt.entropy_threshold()));
   return terms;
 }
 
-/// Phase A (and C) with the fused CPU kernel: per-row terms, the kernel's keep decision and,
-/// when `grad` is defined, keep_i * dloss_i/dz written into it.
+/// Phase A (and C) with the fused CUDA kernel.
+inline RowTerms fused_cuda_rows(const FlatInputs& in, const EntropyMaskedCrossEntropyOptions& opt,
+                                at::Tensor& grad, at::Tensor& kernel_keep) {
+  return fused_rows(in, opt, grad, kernel_keep, &cuda::emce_rows);
+}
+
+/// Phase A (and C) with the fused CPU kernel.
 inline RowTerms fused_cpu_rows(const FlatInputs& in, const EntropyMaskedCrossEntropyOptions& opt,
                                at::Tensor& grad, at::Tensor& kernel_keep) {
-  const int64_t n = in.logits.size(0), vocab = in.logits.size(1);
-  auto f32 = in.logits.options().dtype(at::kFloat);
-  RowTerms terms{at::empty({n}, f32), at::empty({n}, f32), at::empty({n}, f32)};
-  kernel_keep = at::empty({n}, f32.dtype(at::kBool));
-  at::Tensor logits = in.logits.contiguous();
-  at::Tensor targets = in.targets.contiguous();
-  at::Tensor reference = in.reference.defined() ? in.reference.to(at::kFloat).contiguous()
-                                                : at::Tensor();
-  cpu::RowParams p;
-  p.n = n;
-  p.vocab = vocab;
-  p.ignore_index = opt.ignore_index();
-  p.label_smoothing = static_cast<float>(opt.label_smoothing());
-  p.lse_square_scale = static_cast<float>(opt.lse_square_scale());
-  p.softcap = static_cast<float>(opt.softcap());
-  p.absolute = opt.threshold_mode() == ThresholdMode::Absolute;
-  p.threshold = static_cast<float>(opt.entropy_threshold());
-  p.reference = reference.defined() ? reference.data_ptr<float>() : nullptr;
-  cpu::RowOutputs o{terms.lse.data_ptr<float>(), terms.entropy.data_ptr<float>(),
-                    terms.loss.data_ptr<float>(), kernel_keep.data_ptr<bool>()};
-  const int64_t* t = targets.data_ptr<int64_t>();
-  switch (logits.scalar_type()) {
-    case at::kFloat:
-      cpu::entropy_masked_ce_rows<float>(logits.data_ptr<float>(),
-                                         grad.defined() ? grad.data_ptr<float>() : nullptr, t, p, o);
-      break;
-    case at::kBFloat16:
-      cpu::entropy_masked_ce_rows<c10::BFloat16>(
-          logits.data_ptr<c10::BFloat16>(),
-          grad.defined() ? grad.data_ptr<c10::BFloat16>() : nullptr, t, p, o);
-      break;
-    case at::kHalf:
-      cpu::entropy_masked_ce_rows<c10::Half>(logits.data_ptr<c10::Half>(),
-                                             grad.defined() ? grad.data_ptr<c10::Half>() : nullptr,
-                                             t, p, o);
-      break;
-    default:
-      TORCH_INTERNAL_ASSERT(false, "fused_cpu_rows: unsupported dtype ", logits.scalar_type());
-  }
-  return terms;
+  return fused_rows(in, opt, grad, kernel_keep, &cpu::emce_rows);
 }
 
 /// Which implementation runs the row phases (A and C) and the backward's scaling.
@@ -278,6 +247,13 @@ inline RowPath forward_row_path(const at::Tensor& logits,
   if (use_fused_cpu(logits, opt)) return RowPath::Cpu;
   if (use_fused_cuda(logits, opt.use_reference())) return RowPath::Cuda;
   return RowPath::Reference;
+}
+
+/// Zeroes the gradient rows with kernel_keep && !keep with the kernels of `path` (Cpu or Cuda).
+inline void zero_masked_rows(RowPath path, const at::Tensor& grad, const at::Tensor& kernel_keep,
+                             const at::Tensor& keep) {
+  if (path == RowPath::Cuda) return cuda::emce_zero_rows(grad, kernel_keep, keep);
+  cpu::emce_zero_rows(grad, kernel_keep, keep);
 }
 
 /// The whole forward on validated inputs: loss, stats and (if `need_grad`) the keep-masked,
@@ -316,12 +292,9 @@ inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const a
   if (need_grad) {
     // The kernels keep every valid row in ratio mode (the threshold needs all entropies):
     // zero the rows phase B masked. In absolute mode both decisions are the same.
-    if (fused_cpu) {
-      at::Tensor drop = at::nonzero(kernel_keep & ~d.keep).squeeze(1);
-      if (drop.numel() > 0) r.grad.index_fill_(0, drop, 0);
-    } else if (fused_cuda) {
+    if (fused_cpu || fused_cuda) {
       if (opt.threshold_mode() == ThresholdMode::Ratio)
-        cuda::emce_zero_rows(r.grad, kernel_keep, d.keep);
+        zero_masked_rows(path, r.grad, kernel_keep, d.keep);
     } else {
       reference_row_grad(in.logits, in.safe_targets, terms.lse, d.keep.to(cdt), opt, r.grad);
     }
@@ -344,25 +317,9 @@ inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const a
 /// `out` (which may alias `grad`), on `path`.
 inline void scale_gradient(const at::Tensor& grad, const at::Tensor& factor, at::Tensor& out,
                            RowPath path) {
-  const auto t = grad.scalar_type();
   if (path == RowPath::Cuda) return cuda::emce_scale_rows(grad, factor, out);
   if (path == RowPath::Reference) return reference_scale_rows(grad, factor, out);
-  const int64_t n = grad.size(0), vocab = grad.size(1);
-  at::Tensor f = factor.to(at::kFloat).contiguous();
-  const float* rows = f.dim() == 0 ? nullptr : f.data_ptr<float>();
-  const float scalar = f.dim() == 0 ? f.item<float>() : 1.f;
-  switch (t) {
-    case at::kFloat:
-      cpu::scale_rows<float>(grad.data_ptr<float>(), out.data_ptr<float>(), n, vocab, rows, scalar);
-      break;
-    case at::kBFloat16:
-      cpu::scale_rows<c10::BFloat16>(grad.data_ptr<c10::BFloat16>(),
-                                     out.data_ptr<c10::BFloat16>(), n, vocab, rows, scalar);
-      break;
-    default:
-      cpu::scale_rows<c10::Half>(grad.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), n, vocab,
-                                 rows, scalar);
-  }
+  cpu::emce_scale_rows(grad, factor, out);
 }
 
 inline void scale_gradient(const at::Tensor& grad, const at::Tensor& factor, at::Tensor& out,

@@ -10,10 +10,11 @@
 //    copies the parameters that the step will move (only when the scale differs from 1 or the
 //    step bound is on), lets Base step, then rewrites each parameter as theta_prev + transformed
 //    delta with ATen ops, tensor by tensor; the drift bound then projects onto the ball around
-//    theta_0. No host synchronization.
+//    theta_0 (slowed/optim/slow_tuning_reference.h). No host synchronization.
 //  - generic (any Base; fp32/bf16 CPU tensors, fp32/bf16/fp16 CUDA tensors): the same snapshot
 //    and Base::step, then one multi-tensor pass for the norms (only with a bound) and one for
-//    the rewrite and the projection (slowed/cpu/slow_tuning_cpu.h, slowed/cuda/slow_tuning_cuda.h).
+//    the rewrite and the projection (slowed/cpu/slow_tuning_cpu.h, slowed/cuda/slow_tuning_cuda.h:
+//    the same launchers on the same operands, slowed/detail/slow_tuning_operands.h).
 //  - Adam (Base = torch::optim::AdamW or Adam, no closure): no snapshot and no Base::step; the
 //    wrapper computes the Adam update itself and applies the scale, the bounds and the
 //    projection in the same kernels, one pass in step-scale mode (on CPU: ATen's
@@ -26,7 +27,9 @@
 #include <slowed/cuda/slow_tuning_cuda.h>
 #include <slowed/detail/backend.h>
 #include <slowed/detail/check.h>
+#include <slowed/detail/slow_tuning_operands.h>
 #include <slowed/optim/slow_tuning_options.h>
+#include <slowed/optim/slow_tuning_reference.h>
 #include <slowed/optim/slow_tuning_stats.h>
 
 #include <torch/optim/adagrad.h>
@@ -53,24 +56,6 @@
 
 namespace slowed {
 namespace detail {
-
-/// fp32 (fp64 for fp64) working copy for reduced-precision parameters.
-inline at::Tensor working(const at::Tensor& t) {
-  return (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16) ? t.to(at::kFloat)
-                                                                            : t;
-}
-
-inline at::Tensor l2_norm(const at::Tensor& t) {
-  return at::linalg_vector_norm(t, 2, c10::nullopt, false,
-                                t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-}
-
-/// factor in (0, 1] that brings a vector of norm `norm` within `radius`; 1 when radius is 0.
-inline at::Tensor bound_factor(const at::Tensor& norm, const at::Tensor& radius) {
-  at::Tensor active = (radius > 0) & (norm > radius);
-  return at::where(active, radius / norm.clamp_min(std::numeric_limits<float>::min()),
-                   at::ones({}, norm.options()));
-}
 
 /// The Base types the Adam path serves (exactly these types: a subclass takes the generic path).
 template <class Base>
@@ -100,11 +85,43 @@ inline bool same_layout(const at::Tensor& t, const at::Tensor& like) {
          t.device() == like.device() && t.sizes().equals(like.sizes()) && t.is_contiguous();
 }
 
-inline cpu::SlowStorage cpu_storage(at::ScalarType t) {
-  return t == at::kBFloat16 ? cpu::SlowStorage::BFloat16 : cpu::SlowStorage::Float32;
+/// The multi-tensor launchers of one backend: the CPU and the CUDA kernels take the same
+/// operands through the same signatures.
+struct SlowTuningKernels {
+  void (*snapshot)(const std::vector<SlowTuningOperands>&);
+  void (*generic_step)(const std::vector<SlowTuningOperands>&, const SlowBounds&);
+  void (*adam_step)(const std::vector<SlowTuningOperands>&, const SlowBounds&, bool decoupled);
+};
+
+inline const SlowTuningKernels& slow_tuning_kernels(FusedKind kind) {
+  static const SlowTuningKernels on_cpu{&cpu::slow_tuning_snapshot,
+                                        &cpu::slow_tuning_generic_step,
+                                        &cpu::slow_tuning_adam_step};
+  static const SlowTuningKernels on_cuda{&cuda::slow_tuning_snapshot,
+                                         &cuda::slow_tuning_generic_step,
+                                         &cuda::slow_tuning_adam_step};
+  TORCH_INTERNAL_ASSERT(kind != FusedKind::None, "slow_tuning_kernels: no fused kernels");
+  return kind == FusedKind::Cpu ? on_cpu : on_cuda;
 }
 
-inline void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+/// theta_prev of every tensor of `ts` (one device) into `prev`: one buffer per dtype, filled by
+/// the backend's multi-tensor snapshot.
+inline void snapshot_into_prev(std::vector<SlowTuningOperands>& ts, const SlowTuningKernels& k) {
+  if (ts.empty()) return;
+  std::map<at::ScalarType, int64_t> total;
+  for (const auto& t : ts) total[t.param.scalar_type()] += t.param.numel();
+  std::map<at::ScalarType, std::pair<at::Tensor, int64_t>> buffers;
+  for (const auto& [dtype, n] : total) {
+    buffers[dtype] = {at::empty({n}, ts.front().param.options().dtype(dtype)), 0};
+  }
+  for (auto& t : ts) {
+    auto& [buffer, offset] = buffers[t.param.scalar_type()];
+    const int64_t n = t.param.numel();
+    t.prev = buffer.narrow(0, offset, n).view(t.param.sizes());
+    offset += n;
+  }
+  k.snapshot(ts);
+}
 
 /// Rejects a tensor listed twice among `groups` (or within one group), naming both places.
 /// torch::optim would step such a tensor twice per step; the wrapper's single-pass kernels
@@ -495,54 +512,20 @@ class SlowTuningOptimizer : public Base {
     }
   }
 
-  // theta <- theta_prev + f * (theta - theta_prev) with f = s * bound factor, computed as
-  // theta - (1 - f) * (theta - theta_prev) so that f = 1 leaves theta bitwise unchanged.
-  void rewrite_step(const at::Tensor& param, const at::Tensor& prev, double s) {
-    at::Tensor p = param.detach();
-    at::Tensor now = detail::working(p);
-    at::Tensor before = detail::working(prev);
-    at::Tensor delta = now - before;  // Base's full step
-    at::Tensor f = at::full({}, s, delta.options());
-    if (auto r = slow_.max_relative_step()) {
-      at::Tensor radius = detail::l2_norm(before).clamp_min(slow_.norm_floor()) * *r;
-      f = f * detail::bound_factor(detail::l2_norm(delta) * s, radius).to(delta.scalar_type());
-    }
-    p.copy_(now.sub_(delta.mul_(1.0 - f)));
-  }
-
-  // theta <- theta - (1 - f) * (theta - theta_0), f = min(1, radius / ||theta - theta_0||):
-  // the projection onto the drift ball, a bitwise no-op for tensors inside it.
+  // The reference projection of `param` onto its drift ball (nothing without a theta_0).
   void project_onto_drift_ball(const at::Tensor& param) {
-    const double r = *slow_.max_relative_drift();
     auto it = initial_.find(param.unsafeGetTensorImpl());
     if (it == initial_.end()) return;
-    at::Tensor p = param.detach();
-    at::Tensor t0 = detail::working(it->second);
-    auto& n0 = initial_norm_[param.unsafeGetTensorImpl()];
-    if (!n0.defined()) n0 = detail::l2_norm(t0);
-    at::Tensor now = detail::working(p);
-    at::Tensor d = now - t0;
-    at::Tensor radius = n0.clamp_min(slow_.norm_floor()) * r;
-    at::Tensor f = detail::bound_factor(detail::l2_norm(d), radius).to(d.scalar_type());
-    p.copy_(now.sub_(d.mul_(1.0 - f)));
+    detail::project_onto_drift_ball(param, it->second,
+                                    initial_norm_[param.unsafeGetTensorImpl()], slow_);
   }
 
-  cpu::SlowBounds cpu_bounds(double s) const {
-    cpu::SlowBounds b;
+  detail::SlowBounds bounds(double s) const {
+    detail::SlowBounds b;
     b.scale = s;
     b.max_step = slow_.max_relative_step().value_or(0.0);
     b.max_drift = slow_.max_relative_drift().value_or(0.0);
     b.norm_floor = slow_.norm_floor();
-    return b;
-  }
-
-  cuda::SlowTuningLaunchBounds cuda_bounds(double s) const {
-    const cpu::SlowBounds c = cpu_bounds(s);
-    cuda::SlowTuningLaunchBounds b;
-    b.scale = c.scale;
-    b.max_step = c.max_step;
-    b.max_drift = c.max_drift;
-    b.norm_floor = c.norm_floor;
     return b;
   }
 
@@ -564,10 +547,13 @@ class SlowTuningOptimizer : public Base {
       return Base::step(std::move(closure));  // Base's step, bitwise
     }
     const bool closure_given = static_cast<bool>(closure);
-    const bool bounded = slow_.max_relative_step().has_value() || drift;
 
-    std::vector<at::Tensor> ref, on_cpu;
-    std::map<c10::DeviceIndex, std::vector<at::Tensor>> on_cuda;
+    // The tensors of the reference ops, and the fused ones per backend and device (one launcher
+    // call each).
+    std::vector<at::Tensor> ref;
+    std::map<std::pair<detail::FusedKind, c10::DeviceIndex>,
+             std::vector<detail::SlowTuningOperands>>
+        fused;
     for (const auto& p : parameters()) {
       if (!closure_given && !p.grad().defined()) continue;  // Base will not touch it
       detail::FusedKind kind = slow_.use_reference() ? detail::FusedKind::None
@@ -578,80 +564,36 @@ class SlowTuningOptimizer : public Base {
           kind = detail::FusedKind::None;
         }
       }
-      if (kind == detail::FusedKind::Cpu) on_cpu.push_back(p);
-      else if (kind == detail::FusedKind::Cuda) on_cuda[p.device().index()].push_back(p);
-      else ref.push_back(p);
+      if (kind == detail::FusedKind::None) {
+        ref.push_back(p);
+        continue;
+      }
+      detail::SlowTuningOperands t;
+      t.param = p.detach();
+      t.initial = kernel_initial(p);
+      fused[{kind, p.device().index()}].push_back(std::move(t));
     }
 
     // Snapshots theta_prev.
-    std::vector<at::Tensor> ref_prev, cpu_prev;
-    std::map<c10::DeviceIndex, std::vector<cuda::SlowTuningTensor>> cuda_ts;
-    {
+    std::vector<at::Tensor> ref_prev;
+    if (rewrite) {
       at::NoGradGuard no_grad;
-      for (auto& [index, ps] : on_cuda) {
-        auto& ts = cuda_ts[index];
-        for (const auto& p : ps) {
-          cuda::SlowTuningTensor t;
-          t.param = p.detach();
-          t.initial = kernel_initial(p);
-          ts.push_back(std::move(t));
-        }
-      }
-      if (rewrite) {
-        for (const auto& p : ref) ref_prev.push_back(p.detach().clone());
-        for (const auto& p : on_cpu) cpu_prev.push_back(p.detach().clone());  // a memcpy
-        for (auto& [index, ts] : cuda_ts) {
-          // One buffer per dtype, filled by the multi-tensor snapshot kernel.
-          std::map<at::ScalarType, int64_t> total;
-          for (const auto& t : ts) total[t.param.scalar_type()] += t.param.numel();
-          std::map<at::ScalarType, std::pair<at::Tensor, int64_t>> buffers;
-          for (const auto& [dtype, n] : total) {
-            buffers[dtype] = {at::empty({n}, ts.front().param.options().dtype(dtype)), 0};
-          }
-          for (auto& t : ts) {
-            auto& [buffer, offset] = buffers[t.param.scalar_type()];
-            const int64_t n = t.param.numel();
-            t.aux = buffer.narrow(0, offset, n).view(t.param.sizes());
-            offset += n;
-          }
-          cuda::slow_tuning_snapshot(ts);
-        }
+      for (const auto& p : ref) ref_prev.push_back(p.detach().clone());
+      for (auto& [key, ts] : fused) {
+        detail::snapshot_into_prev(ts, detail::slow_tuning_kernels(key.first));
       }
     }
 
-    last_path_ = on_cpu.empty() && on_cuda.empty() ? SlowTuningPath::Reference
-                                                   : SlowTuningPath::Generic;
+    last_path_ = fused.empty() ? SlowTuningPath::Reference : SlowTuningPath::Generic;
     at::Tensor loss = Base::step(std::move(closure));
 
     at::NoGradGuard no_grad;
     for (size_t i = 0; i < ref.size(); ++i) {
-      if (rewrite) rewrite_step(ref[i], ref_prev[i], s);
+      if (rewrite) detail::rewrite_step(ref[i], ref_prev[i], s, slow_);
       if (drift) project_onto_drift_ball(ref[i]);
     }
-    if (!on_cpu.empty()) {
-      std::vector<cpu::SlowTensor> ts(on_cpu.size());
-      for (size_t i = 0; i < on_cpu.size(); ++i) {
-        ts[i].param = on_cpu[i].data_ptr();
-        ts[i].prev = rewrite ? cpu_prev[i].data_ptr() : nullptr;
-        ts[i].initial = detail::data_or_null(kernel_initial(on_cpu[i]));
-        ts[i].numel = on_cpu[i].numel();
-        ts[i].storage = detail::cpu_storage(on_cpu[i].scalar_type());
-      }
-      const cpu::SlowBounds b = cpu_bounds(s);
-      std::vector<cpu::SlowFactors> f(ts.size());
-      if (bounded) {
-        const auto sums = cpu::generic_sums(ts);
-        for (size_t i = 0; i < ts.size(); ++i) {
-          f[i] = cpu::slow_factors(sums[i], b, ts[i].initial != nullptr);
-        }
-      } else {
-        for (auto& fi : f) fi.a = s;
-      }
-      cpu::generic_apply(ts, f);
-      for (const auto& p : on_cpu) detail::bump_version(p);
-    }
-    for (auto& [index, ts] : cuda_ts) {
-      cuda::slow_tuning_generic_step(ts, cuda_bounds(s));
+    for (const auto& [key, ts] : fused) {
+      detail::slow_tuning_kernels(key.first).generic_step(ts, bounds(s));
       for (const auto& t : ts) detail::bump_version(t.param);
     }
     return loss;
@@ -711,7 +653,7 @@ class SlowTuningOptimizer : public Base {
     if (!ok) return false;
 
     at::NoGradGuard no_grad;
-    std::vector<cpu::AdamScalars> hyper(items.size());
+    std::vector<detail::SlowTuningOperands> ts(items.size());
     for (size_t i = 0; i < items.size(); ++i) {
       Item& it = items[i];
       if (it.state == nullptr) {  // as Base initializes it
@@ -724,21 +666,17 @@ class SlowTuningOptimizer : public Base {
         this->state()[it.p.unsafeGetTensorImpl()] = std::move(st);
       }
       it.state->step(it.state->step() + 1);
-      const double lr = it.opt->lr(), wd = it.opt->weight_decay();
-      const double beta1 = std::get<0>(it.opt->betas()), beta2 = std::get<1>(it.opt->betas());
-      const double bc1 = 1.0 - std::pow(beta1, it.state->step());
-      const double bc2 = 1.0 - std::pow(beta2, it.state->step());
-      cpu::AdamScalars& h = hyper[i];
-      h.beta1 = static_cast<float>(beta1);
-      h.beta2 = static_cast<float>(beta2);
-      h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
-      h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-      h.eps = static_cast<float>(it.opt->eps());
-      h.step_size = static_cast<float>(lr / bc1);
-      h.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
-      h.weight_decay = static_cast<float>(Traits::decoupled ? lr * wd : wd);
-      h.decoupled = Traits::decoupled;
-      h.amsgrad = it.opt->amsgrad();
+      detail::SlowTuningOperands& t = ts[i];
+      t.param = it.p.detach();
+      t.grad = it.p.grad();
+      t.exp_avg = it.state->exp_avg();
+      t.exp_avg_sq = it.state->exp_avg_sq();
+      if (it.opt->amsgrad()) t.max_exp_avg_sq = it.state->max_exp_avg_sq();
+      t.initial = it.initial;
+      t.adam = detail::adam_settings(it.opt->lr(), std::get<0>(it.opt->betas()),
+                                     std::get<1>(it.opt->betas()), it.opt->eps(),
+                                     it.opt->weight_decay(), it.state->step(), Traits::decoupled,
+                                     it.opt->amsgrad());
     }
 
     if (kind == detail::FusedKind::Cpu && !bounded) {
@@ -768,44 +706,8 @@ class SlowTuningOptimizer : public Base {
                            opt->eps(), opt->amsgrad(), /*maximize=*/false);
         }
       }
-    } else if (kind == detail::FusedKind::Cpu) {
-      std::vector<cpu::SlowTensor> ts(items.size());
-      for (size_t i = 0; i < items.size(); ++i) {
-        const Item& it = items[i];
-        ts[i].param = it.p.data_ptr();
-        ts[i].grad = it.p.grad().data_ptr();
-        ts[i].exp_avg = it.state->exp_avg().data_ptr();
-        ts[i].exp_avg_sq = it.state->exp_avg_sq().data_ptr();
-        ts[i].max_exp_avg_sq = hyper[i].amsgrad ? it.state->max_exp_avg_sq().data_ptr() : nullptr;
-        ts[i].initial = detail::data_or_null(it.initial);
-        ts[i].numel = it.p.numel();
-        ts[i].storage = detail::cpu_storage(it.p.scalar_type());
-        ts[i].adam = hyper[i];
-      }
-      const auto sums = cpu::adam_sums(ts);
-      const cpu::SlowBounds b = cpu_bounds(s);
-      std::vector<cpu::SlowFactors> f(ts.size());
-      for (size_t i = 0; i < ts.size(); ++i) {
-        f[i] = cpu::slow_factors(sums[i], b, ts[i].initial != nullptr);
-      }
-      cpu::adam_apply(ts, f);
-    } else {
-      std::vector<cuda::SlowTuningTensor> ts(items.size());
-      for (size_t i = 0; i < items.size(); ++i) {
-        const Item& it = items[i];
-        const cpu::AdamScalars& h = hyper[i];
-        ts[i].param = it.p.detach();
-        ts[i].aux = it.p.grad();
-        ts[i].exp_avg = it.state->exp_avg();
-        ts[i].exp_avg_sq = it.state->exp_avg_sq();
-        if (h.amsgrad) ts[i].max_exp_avg_sq = it.state->max_exp_avg_sq();
-        ts[i].initial = it.initial;
-        const float values[8] = {h.beta1, h.beta2, h.one_minus_beta1, h.one_minus_beta2,
-                                 h.eps,   h.step_size, h.bc2_sqrt, h.weight_decay};
-        std::copy(values, values + 8, ts[i].hyper);
-        ts[i].amsgrad = h.amsgrad;
-      }
-      cuda::slow_tuning_adam_step(ts, cuda_bounds(s), Traits::decoupled);
+    } else if (!ts.empty()) {  // (no tensor with a gradient: nothing to launch)
+      detail::slow_tuning_kernels(kind).adam_step(ts, bounds(s), Traits::decoupled);
     }
     for (const Item& it : items) {
       detail::bump_version(it.p);

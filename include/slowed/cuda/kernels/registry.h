@@ -5,13 +5,15 @@
 // machine with libnvrtc, GPU or not.
 //
 // Adding a kernel: include its header below and add one line to the list; register each
-// variant that production code compiles (e.g. `source.with_define("SLOWED_DTYPE", "1")`) as a
-// function-local static in the kernel's header, so the address stays valid.
+// variant that production code compiles (e.g. the StorageVariants of
+// cuda/kernels/storage_prelude.h) as a function-local static in the kernel's header, so the
+// address stays valid. Test-only kernels (tests/support/smoke_kernels.h) are not listed here;
+// the tests that compile every source add them themselves.
 
 #include <slowed/cuda/kernel_source.h>
-#include <slowed/cuda/kernels/entropy_masked_ce_kernels.h>
+#include <slowed/cuda/kernels/entropy_masked_cross_entropy_kernels.h>
 #include <slowed/cuda/kernels/slow_tuning_kernels.h>
-#include <slowed/cuda/kernels/smoke_kernels.h>
+#include <slowed/detail/storage_dtype.h>
 
 #include <vector>
 
@@ -26,14 +28,14 @@ namespace cuda {
 ///   slowed::cuda::compile_to_binary(*source, 8, 0, /*cubin=*/true);
 /// ```
 inline const std::vector<const KernelSource*>& all_kernel_sources() {
+  using slowed::detail::StorageDtype;
   static const std::vector<const KernelSource*> sources = {
-      &kernels::smoke_kernels_source(),
-      &kernels::entropy_masked_ce_source(0),  // float
-      &kernels::entropy_masked_ce_source(1),  // bfloat16
-      &kernels::entropy_masked_ce_source(2),  // float16
-      &kernels::slow_tuning_source(0),  // float
-      &kernels::slow_tuning_source(1),  // bfloat16
-      &kernels::slow_tuning_source(2),  // float16
+      &kernels::entropy_masked_ce_source(StorageDtype::Float32),
+      &kernels::entropy_masked_ce_source(StorageDtype::BFloat16),
+      &kernels::entropy_masked_ce_source(StorageDtype::Float16),
+      &kernels::slow_tuning_source(StorageDtype::Float32),
+      &kernels::slow_tuning_source(StorageDtype::BFloat16),
+      &kernels::slow_tuning_source(StorageDtype::Float16),
   };
   return sources;
 }

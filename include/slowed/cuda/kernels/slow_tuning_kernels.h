@@ -30,7 +30,8 @@
 // Conventions: no #include (bf16/fp16 conversions are bit operations or inline PTX), extern "C"
 // entry points, 64-bit element indices, fixed reduction order (results identical run to run),
 // fp32 element arithmetic with IEEE sqrt and division (NVRTC's defaults; FMA contraction on).
-// SLOWED_DTYPE selects the storage type of every operand: 0 float, 1 bfloat16, 2 float16.
+// SLOWED_DTYPE selects the storage type of every operand: 0 float, 1 bfloat16, 2 float16
+// (slowed::detail::StorageDtype on the host).
 // The layout of SlowMtArgs is mirrored by slowed::cuda::detail::SlowMtArgs in
 // slowed/cuda/slow_tuning_cuda.h; both sides static_assert its size.
 
@@ -139,6 +140,37 @@ __device__ __forceinline__ void slow_factors(const double* s, double scale, doub
   }
 }
 
+// The factors of tensor t in an apply pass: (scale, 1) without partials (no bound), else from
+// the tensor's sums.
+__device__ __forceinline__ void apply_factors(const SlowMtArgs& args, int t,
+                                              const double* partials, double scale,
+                                              double max_step, double max_drift,
+                                              double norm_floor, bool has_initial, double* a,
+                                              double* g) {
+  *a = scale;
+  *g = 1.0;
+  if (partials) {
+    double s[5];
+    tensor_sums(args.numel[t], args.first_slot[t], partials, s);
+    slow_factors(s, scale, max_step, max_drift, norm_floor, has_initial, a, g);
+  }
+}
+
+// One element's terms of the five sums: u the step, p = theta_prev, and with theta_0 (`init`
+// not null) d = p - theta_0 and theta_0 itself.
+__device__ __forceinline__ void add_sums(double* s, float u, float p,
+                                         const storage_t* __restrict__ init, long long i) {
+  s[0] += static_cast<double>(u) * u;
+  s[1] += static_cast<double>(p) * p;
+  if (init) {
+    const float t0 = to_float(init[i]);
+    const float d = p - t0;
+    s[2] += static_cast<double>(d) * u;
+    s[3] += static_cast<double>(d) * d;
+    s[4] += static_cast<double>(t0) * t0;
+  }
+}
+
 __device__ __forceinline__ void write_partials(double* __restrict__ partials, int first_slot,
                                                long long chunk, const double* s) {
   if (threadIdx.x == 0) {
@@ -179,16 +211,7 @@ slowed_st_generic_sums(SlowMtArgs args, double* partials) {
   for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const float xv = to_float(x[i]);
     const float p = prev ? to_float(prev[i]) : xv;
-    const float u = xv - p;
-    s[0] += static_cast<double>(u) * u;
-    s[1] += static_cast<double>(p) * p;
-    if (init) {
-      const float t0 = to_float(init[i]);
-      const float d = p - t0;
-      s[2] += static_cast<double>(d) * u;
-      s[3] += static_cast<double>(d) * d;
-      s[4] += static_cast<double>(t0) * t0;
-    }
+    add_sums(s, xv - p, p, init, i);
   }
   block_sum5(s);
   write_partials(partials, args.first_slot[t], chunk, s);
@@ -205,12 +228,8 @@ slowed_st_generic_apply(SlowMtArgs args, const double* partials, double scale, d
   storage_t* __restrict__ x = static_cast<storage_t*>(args.ptr[SLOT_PARAM][t]);
   const storage_t* __restrict__ prev = static_cast<const storage_t*>(args.ptr[SLOT_AUX][t]);
   const storage_t* __restrict__ init = static_cast<const storage_t*>(args.ptr[SLOT_INITIAL][t]);
-  double a = scale, g = 1.0;
-  if (partials) {
-    double s[5];
-    tensor_sums(args.numel[t], args.first_slot[t], partials, s);
-    slow_factors(s, scale, max_step, max_drift, norm_floor, init != nullptr, &a, &g);
-  }
+  double a, g;
+  apply_factors(args, t, partials, scale, max_step, max_drift, norm_floor, init != nullptr, &a, &g);
   const bool rewrite = prev != nullptr && a != 1.0;
   const bool project = init != nullptr && g < 1.0;
   if (!rewrite && !project) return;
@@ -287,16 +306,7 @@ slowed_st_adam_sums(SlowMtArgs args, double* partials, int decoupled) {
     const float p = to_float(param[i]);
     float m = to_float(exp_avg[i]), v = to_float(exp_avg_sq[i]);
     float vmax = h.amsgrad ? to_float(max_exp_avg_sq[i]) : 0.f;
-    const float u = adam_update(p, to_float(grad[i]), m, v, vmax, h, decoupled != 0);
-    s[0] += static_cast<double>(u) * u;
-    s[1] += static_cast<double>(p) * p;
-    if (init) {
-      const float t0 = to_float(init[i]);
-      const float d = p - t0;
-      s[2] += static_cast<double>(d) * u;
-      s[3] += static_cast<double>(d) * d;
-      s[4] += static_cast<double>(t0) * t0;
-    }
+    add_sums(s, adam_update(p, to_float(grad[i]), m, v, vmax, h, decoupled != 0), p, init, i);
   }
   block_sum5(s);
   write_partials(partials, args.first_slot[t], chunk, s);
@@ -318,12 +328,8 @@ slowed_st_adam_apply(SlowMtArgs args, const double* partials, double scale, doub
   storage_t* __restrict__ max_exp_avg_sq =
       static_cast<storage_t*>(args.ptr[SLOT_MAX_EXP_AVG_SQ][t]);
   const storage_t* __restrict__ init = static_cast<const storage_t*>(args.ptr[SLOT_INITIAL][t]);
-  double a = scale, g = 1.0;
-  if (partials) {
-    double s[5];
-    tensor_sums(args.numel[t], args.first_slot[t], partials, s);
-    slow_factors(s, scale, max_step, max_drift, norm_floor, init != nullptr, &a, &g);
-  }
+  double a, g;
+  apply_factors(args, t, partials, scale, max_step, max_drift, norm_floor, init != nullptr, &a, &g);
   const float fa = static_cast<float>(a);
   const bool project = init != nullptr && g < 1.0;
   const float one_minus_g = static_cast<float>(1.0 - g);
@@ -343,18 +349,13 @@ slowed_st_adam_apply(SlowMtArgs args, const double* partials, double scale, doub
 }
 )SLOWED_CUDA";
 
-/// The Slow Tuning kernel source for storage dtype `dtype` (0 float, 1 bfloat16, 2 float16).
-inline const KernelSource& slow_tuning_source(int dtype) {
-  static const KernelSource base(
+/// The Slow Tuning kernel source (family "slow_tuning") for storage dtype `dtype`.
+inline const KernelSource& slow_tuning_source(slowed::detail::StorageDtype dtype) {
+  static const StorageVariants variants(KernelSource(
       "slow_tuning", with_storage_prelude(kSlowTuningSource),
       {"slowed_st_snapshot", "slowed_st_generic_sums", "slowed_st_generic_apply",
-       "slowed_st_adam_sums", "slowed_st_adam_apply"});
-  static const KernelSource f32 = base.with_define("SLOWED_DTYPE", "0");
-  static const KernelSource bf16 = base.with_define("SLOWED_DTYPE", "1");
-  static const KernelSource f16 = base.with_define("SLOWED_DTYPE", "2");
-  TORCH_CHECK(dtype >= 0 && dtype <= 2, "slow_tuning_source: dtype code must be 0, 1 or 2, got ",
-              dtype);
-  return dtype == 0 ? f32 : dtype == 1 ? bf16 : f16;
+       "slowed_st_adam_sums", "slowed_st_adam_apply"}));
+  return variants[dtype];
 }
 
 }  // namespace kernels

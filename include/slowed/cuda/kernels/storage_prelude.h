@@ -3,7 +3,11 @@
 // The device-side storage type every slowed kernel source starts with: storage_t, to_float and
 // from_float for SLOWED_DTYPE 0 (float32), 1 (bfloat16: bit operations, round to nearest even)
 // and 2 (float16: PTX cvt). No CUDA header needed. A kernel source is this prelude followed by
-// its body (see `with_storage_prelude`); SLOWED_DTYPE defaults to 0.
+// its body (see `with_storage_prelude`); SLOWED_DTYPE defaults to 0. The host names the codes
+// with slowed::slowed::detail::StorageDtype (`StorageVariants` compiles one variant per value).
+
+#include <slowed/cuda/kernel_source.h>
+#include <slowed/detail/storage_dtype.h>
 
 #include <string>
 
@@ -52,6 +56,26 @@ __device__ __forceinline__ storage_t from_float(float f) {
 inline std::string with_storage_prelude(const char* body) {
   return std::string(kStoragePrelude) + body;
 }
+
+/// The three storage variants of one kernel source, -DSLOWED_DTYPE=<StorageDtype value>. Held as
+/// a function-local static by each kernel header, so the addresses the registry lists stay valid.
+class StorageVariants {
+ public:
+  explicit StorageVariants(const KernelSource& base)
+      : variants_{variant(base, slowed::detail::StorageDtype::Float32),
+                  variant(base, slowed::detail::StorageDtype::BFloat16),
+                  variant(base, slowed::detail::StorageDtype::Float16)} {}
+
+  const KernelSource& operator[](slowed::detail::StorageDtype d) const {
+    return variants_[static_cast<int>(d)];
+  }
+
+ private:
+  static KernelSource variant(const KernelSource& base, slowed::detail::StorageDtype d) {
+    return base.with_define("SLOWED_DTYPE", slowed::detail::storage_define(d));
+  }
+  KernelSource variants_[3];
+};
 
 }  // namespace kernels
 }  // namespace cuda

@@ -1,7 +1,10 @@
 #pragma once
 
-// Smoke kernels of the run-time CUDA compiler: out = alpha * x + y, elementwise, in fp32 and in
-// bf16 (fp32 arithmetic, one rounding to bf16 at the store).
+// Test-only smoke kernels of the run-time CUDA compiler (not installed, not in the library's
+// registry): out = alpha * x + y, elementwise, in fp32 and in bf16 (fp32 arithmetic, one
+// rounding to bf16 at the store). Used by tests/test_cuda_runtime.cpp, the emulator's generator
+// (tests/emulator/generate_kernels.cpp, for tests/emulator/test_emulator_core.cpp) and
+// benchmarks/kernel_dump.cpp.
 //
 // What is fused and why: nothing worth the name (a scale and an add in one pass). The kernels
 // exist so that the tests exercise the whole run-time path (NVRTC compile for sm_80/sm_90, disk
@@ -14,9 +17,7 @@
 
 #include <slowed/cuda/kernel_source.h>
 
-namespace slowed {
-namespace cuda {
-namespace kernels {
+namespace slowed_tests {
 
 inline constexpr const char* kSmokeKernelsSource = R"SLOWED_CUDA(
 // Elements handled by one thread per grid-stride step (a define, so a variant is a -D away).
@@ -79,15 +80,13 @@ extern "C" __global__ void slowed_scale_add_bf16(slowed_bf16* out, const slowed_
 ///
 /// Example:
 /// ```
-/// const auto& src = slowed::cuda::kernels::smoke_kernels_source();
+/// const auto& src = slowed_tests::smoke_kernels_source();
 /// std::string cubin = slowed::cuda::compile_to_binary(src, 9, 0, /*cubin=*/true);
 /// ```
-inline const KernelSource& smoke_kernels_source() {
-  static const KernelSource source("smoke_scale_add", kSmokeKernelsSource,
+inline const slowed::cuda::KernelSource& smoke_kernels_source() {
+  static const slowed::cuda::KernelSource source("smoke_scale_add", kSmokeKernelsSource,
                                    {"slowed_scale_add_f32", "slowed_scale_add_bf16"});
   return source;
 }
 
-}  // namespace kernels
-}  // namespace cuda
-}  // namespace slowed
+}  // namespace slowed_tests

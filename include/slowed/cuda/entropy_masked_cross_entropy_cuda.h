@@ -2,7 +2,9 @@
 
 // Host side of the fused CUDA entropy-masked cross-entropy: tensors -> pointers, sizes, launch
 // on torch's current stream through the run-time compiler (slowed/cuda/jit.h). No CUDA headers:
-// this compiles against a CPU-only LibTorch and switches on at run time for CUDA tensors.
+// this compiles against a CPU-only LibTorch and switches on at run time for CUDA tensors. The
+// CPU kernel's launchers (slowed/cpu/entropy_masked_cross_entropy_cpu.h) have the same names
+// and arguments.
 //
 // Status: the kernels compile with NVRTC for sm_80/sm_90 in every test run, but have not yet run
 // on a GPU in this project's test record (docs/benchmarks.md). Until they have, the loss uses
@@ -10,8 +12,8 @@
 // path, which is correct everywhere.
 
 #include <slowed/cuda/jit.h>
-#include <slowed/cuda/kernels/entropy_masked_ce_kernels.h>
-#include <slowed/cuda/storage_dtype.h>
+#include <slowed/cuda/kernels/entropy_masked_cross_entropy_kernels.h>
+#include <slowed/detail/storage_dtype.h>
 
 #include <ATen/ATen.h>
 
@@ -33,6 +35,12 @@ inline unsigned emce_grid_size(int64_t rows) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(rows, int64_t(1) << 20)));
 }
 
+/// Kernel `name` of the variant for `t`'s dtype, loaded for `t`'s device.
+inline const KernelHandle& emce_kernel(const at::Tensor& t, const char* name) {
+  const auto dtype = slowed::detail::storage_dtype(t.scalar_type(), "logits");
+  return get_kernel(kernels::entropy_masked_ce_source(dtype), name, t.device());
+}
+
 /// The row kernel: fills lse/entropy/loss (float [N]) and kept (bool [N]) and, when `grad` is
 /// defined, the keep-masked gradient (may alias `logits`). All tensors contiguous, on one device.
 inline void emce_rows(const at::Tensor& logits, const at::Tensor& grad, const at::Tensor& targets,
@@ -42,9 +50,7 @@ inline void emce_rows(const at::Tensor& logits, const at::Tensor& grad, const at
                       float threshold) {
   long long n = logits.size(0), vocab = logits.size(1);
   if (n == 0) return;
-  const auto& k =
-      get_kernel(kernels::entropy_masked_ce_source(storage_code(logits.scalar_type(), "logits")),
-                 "slowed_emce_rows", logits.device());
+  const auto& k = emce_kernel(logits, "slowed_emce_rows");
   void* logits_p = logits.data_ptr();
   void* grad_p = grad.defined() ? grad.data_ptr() : nullptr;
   void* targets_p = targets.data_ptr();
@@ -66,9 +72,7 @@ inline void emce_zero_rows(const at::Tensor& grad, const at::Tensor& kernel_keep
                            const at::Tensor& keep) {
   long long n = grad.size(0), vocab = grad.size(1);
   if (n == 0) return;
-  const auto& k =
-      get_kernel(kernels::entropy_masked_ce_source(storage_code(grad.scalar_type(), "logits")),
-                 "slowed_emce_zero_rows", grad.device());
+  const auto& k = emce_kernel(grad, "slowed_emce_zero_rows");
   at::Tensor keep_c = keep.contiguous();
   void* grad_p = grad.data_ptr();
   void* kk_p = kernel_keep.data_ptr();
@@ -82,9 +86,7 @@ inline void emce_zero_rows(const at::Tensor& grad, const at::Tensor& kernel_keep
 inline void emce_scale_rows(const at::Tensor& grad, const at::Tensor& factor, const at::Tensor& out) {
   long long n = grad.size(0), vocab = grad.size(1);
   if (n == 0) return;
-  const auto& k =
-      get_kernel(kernels::entropy_masked_ce_source(storage_code(grad.scalar_type(), "logits")),
-                 "slowed_emce_scale_rows", grad.device());
+  const auto& k = emce_kernel(grad, "slowed_emce_scale_rows");
   at::Tensor f = factor.to(at::kFloat).contiguous();
   void* grad_p = grad.data_ptr();
   void* out_p = out.data_ptr();

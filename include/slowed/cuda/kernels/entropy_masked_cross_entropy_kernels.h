@@ -16,7 +16,7 @@
 // Conventions: no #include (bf16/fp16 conversions are bit operations or inline PTX), extern "C"
 // entry points, 64-bit indices, one block per row in a grid-stride loop over rows, fixed
 // reduction order (results are identical run to run). SLOWED_DTYPE selects the storage type:
-// 0 float, 1 bfloat16, 2 float16.
+// 0 float, 1 bfloat16, 2 float16 (slowed::detail::StorageDtype on the host).
 
 #include <slowed/cuda/kernel_source.h>
 #include <slowed/cuda/kernels/storage_prelude.h>
@@ -224,17 +224,12 @@ extern "C" __global__ void slowed_emce_scale_rows(const storage_t* grad, storage
 }
 )SLOWED_CUDA";
 
-/// The kernel source for storage dtype `dtype` (0 float, 1 bfloat16, 2 float16).
-inline const KernelSource& entropy_masked_ce_source(int dtype) {
-  static const KernelSource base(
-      "entropy_masked_ce", with_storage_prelude(kEntropyMaskedCeSource),
-      {"slowed_emce_rows", "slowed_emce_zero_rows", "slowed_emce_scale_rows"});
-  static const KernelSource f32 = base.with_define("SLOWED_DTYPE", "0");
-  static const KernelSource bf16 = base.with_define("SLOWED_DTYPE", "1");
-  static const KernelSource f16 = base.with_define("SLOWED_DTYPE", "2");
-  TORCH_CHECK(dtype >= 0 && dtype <= 2,
-              "entropy_masked_ce_source: dtype code must be 0, 1 or 2, got ", dtype);
-  return dtype == 0 ? f32 : dtype == 1 ? bf16 : f16;
+/// The kernel source (family "entropy_masked_ce") for storage dtype `dtype`.
+inline const KernelSource& entropy_masked_ce_source(slowed::detail::StorageDtype dtype) {
+  static const StorageVariants variants(
+      KernelSource("entropy_masked_ce", with_storage_prelude(kEntropyMaskedCeSource),
+                   {"slowed_emce_rows", "slowed_emce_zero_rows", "slowed_emce_scale_rows"}));
+  return variants[dtype];
 }
 
 }  // namespace kernels

@@ -41,7 +41,7 @@ class TrackingCpuAllocator final : public c10::Allocator {
     c10::DataPtr inner = base_->allocate(n);
     void* data = inner.get();
     const auto device = inner.device();
-    if (data == nullptr) return inner;
+    if (data == nullptr) return {nullptr, nullptr, &release, device};
     c10::DeleterFnPtr deleter = inner.get_deleter();
     void* ctx = inner.release_context();
     {
@@ -54,6 +54,9 @@ class TrackingCpuAllocator final : public c10::Allocator {
     }
     return {data, data, &release, device};
   }
+  // Every DataPtr it returns carries `release`, so oneDNN's raw_allocate / raw_deallocate (its
+  // bf16 GEMMs' scratch buffers) work through it and are counted.
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     std::memcpy(dest, src, count);
   }

@@ -98,9 +98,14 @@ if p.returncode == 0:
     same_run(one, out, "torchrun 2 ranks")
 
 # A rank killed during training: its peer fails within the timeout (20 s) with a clear error.
-LONG = ["--train-per-task", "12", "--modes", "slowed", "--epochs", "3"]
+# Far more epochs than the test waits for: the kill lands in training however fast the machine.
+LONG = ["--train-per-task", "12", "--modes", "slowed", "--epochs", "1000"]
 procs = launch(os.path.join(args.work, "killed"), 2, *LONG)
-time.sleep(8)
+started = time.time()
+for line in procs[0].stderr:  # rank 0's log: kill rank 1 once training has begun
+    if "trains on" in line or time.time() - started > 120:
+        break
+time.sleep(1)
 procs[1].send_signal(signal.SIGKILL)
 t0 = time.time()
 (rc0, _, e0), _ = wait_all(procs, 90)

@@ -145,7 +145,7 @@ void DataParallel::sum_gradients(const std::vector<torch::Tensor>& params, int64
   std::vector<torch::Tensor> grads;
   for (const auto& p : params) {
     // A parameter without a gradient on this rank (no token reached it) still takes part.
-    if (!p.grad().defined()) const_cast<torch::Tensor&>(p).mutable_grad() = torch::zeros_like(p);
+    if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
     grads.push_back(p.grad());
   }
   // Buckets of consecutive gradients of one dtype; two in flight: bucket i sums while bucket i+1
@@ -253,16 +253,25 @@ void DataParallel::barrier() {}
 
 int64_t parameter_fingerprint(const std::vector<torch::Tensor>& params) {
   torch::NoGradGuard no_grad;
-  // FNV-1a over the parameters' bytes, in order: equal weights give equal fingerprints on every
-  // rank whatever its threads.
+  // FNV-1a over the parameters' bytes in order, 8 at a time (then the tail): equal weights give
+  // equal fingerprints on every rank whatever its threads, at a word per multiply (the 2 GB of
+  // a 0.5B-parameter fp32 model take a fraction of a second, not seconds).
   uint64_t h = 1469598103934665603ull;
+  auto mix = [&h](uint64_t x) {
+    h ^= x;
+    h *= 1099511628211ull;
+  };
   for (const auto& p : params) {
     torch::Tensor c = p.detach().contiguous().cpu();
     const auto* b = static_cast<const unsigned char*>(c.data_ptr());
-    for (size_t i = 0; i < c.nbytes(); ++i) {
-      h ^= b[i];
-      h *= 1099511628211ull;
+    const size_t n = c.nbytes();
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      uint64_t word;
+      std::memcpy(&word, b + i, 8);
+      mix(word);
     }
+    for (; i < n; ++i) mix(b[i]);
   }
   return static_cast<int64_t>(h);
 }

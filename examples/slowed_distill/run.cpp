@@ -206,7 +206,7 @@ void evaluate(LanguageModel& lm, const EvalSets& sets, const RunConfig& cfg, Epo
       dp.gather_to_main("advbench/" + rec.mode + "/" + std::to_string(rec.epoch), jsonl);
   rec.eval_seconds = seconds_since(t0);
   // One process: its peak; several: their sum (what the run held at most, bounded above).
-  rec.peak_rss_mb = dp.world() > 1 ? counts[11] : peak_rss_mb();
+  rec.peak_rss_mb = counts[11];
   if (!dp.is_main()) return;
   jsonl.clear();
   for (const auto& part : parts) jsonl += part;

@@ -122,15 +122,20 @@ struct MaskDecision {
 /// Absolute: keep = valid & (H >= threshold).
 /// Ratio: k = floor(q * n_valid); threshold = the (k+1)-th smallest valid entropy (+inf when
 /// k = n_valid); keep = valid & (H >= threshold). Ties at the threshold are kept, so at most k
-/// tokens are masked. No host synchronization.
+/// tokens are masked. No host synchronization. With `group`, ratio mode's k, n_valid and
+/// threshold are those of every rank's tokens together (dist::global_ratio_threshold: sums over
+/// the group, so every rank must call); absolute mode needs no group.
 inline MaskDecision decide_mask(const at::Tensor& decision_entropy, const at::Tensor& valid,
-                                const EntropyMaskedCrossEntropyOptions& opt) {
+                                const EntropyMaskedCrossEntropyOptions& opt,
+                                dist::Communicator* group = nullptr) {
   auto f32 = decision_entropy.options().dtype(at::kFloat);
   const double inf = std::numeric_limits<double>::infinity();
   at::Tensor h = decision_entropy.to(at::kFloat);
   at::Tensor thr;
   if (opt.threshold_mode() == ThresholdMode::Absolute) {
     thr = at::full({}, opt.entropy_threshold(), f32);
+  } else if (group != nullptr) {
+    thr = dist::global_ratio_threshold(h, valid, opt.mask_ratio(), *group);
   } else if (h.numel() == 0) {
     thr = at::full({}, inf, f32);
   } else {
@@ -247,29 +252,24 @@ inline CallReduction reduce_call(const at::Tensor& decision_entropy, const at::T
                                  const EntropyMaskedCrossEntropyOptions& opt) {
   const auto cdt = terms.loss.scalar_type();
   const at::Tensor zero = at::zeros({}, terms.loss.options());
-  CallReduction r;
   dist::Communicator* group = opt.process_group().get();
+  // The options check precedes the decision's sums (their number depends on the mode).
+  if (group != nullptr && opt.check_inputs())
+    check_same_call_on_all_ranks(opt, *group, decision_entropy.device());
+  MaskDecision d = decide_mask(decision_entropy, valid, opt, group);
+  at::Tensor kept_loss = at::where(d.keep, terms.loss, zero);
+  CallReduction r;
+  r.keep = d.keep;
   if (group == nullptr) {
-    MaskDecision d = decide_mask(decision_entropy, valid, opt);
     at::Tensor n_valid = valid.sum();
     at::Tensor n_kept = d.keep.sum();
-    r.keep = d.keep;
     r.grad_scale = normalization(n_valid, n_kept, cdt, opt.reduction());
-    at::Tensor kept_loss = at::where(d.keep, terms.loss, zero);
     r.loss = opt.reduction() == Reduction::None ? kept_loss.reshape(loss_shape)
                                                 : kept_loss.sum() * r.grad_scale;
     r.stats = mask_stats(valid, terms.entropy, n_valid, n_kept, d.threshold);
     return r;
   }
-  if (opt.check_inputs()) check_same_call_on_all_ranks(opt, *group, decision_entropy.device());
-  at::Tensor h = decision_entropy.to(at::kFloat);
-  at::Tensor threshold =
-      opt.threshold_mode() == ThresholdMode::Absolute
-          ? at::full({}, opt.entropy_threshold(), h.options())
-          : dist::global_ratio_threshold(h, valid, opt.mask_ratio(), *group);
-  r.keep = keep_from_threshold(h, valid, threshold);
-  at::Tensor kept_loss = at::where(r.keep, terms.loss, zero);
-  dist::GlobalTotals g = dist::global_totals(valid.sum(), r.keep.sum(),
+  dist::GlobalTotals g = dist::global_totals(valid.sum(), d.keep.sum(),
                                              valid_entropy_sum(valid, terms.entropy),
                                              kept_loss.sum(), *group);
   at::Tensor value_scale = normalization(g.n_valid, g.n_kept, cdt, opt.reduction());
@@ -278,7 +278,7 @@ inline CallReduction reduce_call(const at::Tensor& decision_entropy, const at::T
                      : value_scale;
   r.loss = opt.reduction() == Reduction::None ? kept_loss.reshape(loss_shape)
                                               : g.loss_sum.to(cdt) * value_scale;
-  r.stats = stats_from_totals(g.n_valid, g.n_kept, g.entropy_sum, threshold);
+  r.stats = stats_from_totals(g.n_valid, g.n_kept, g.entropy_sum, d.threshold);
   return r;
 }
 

@@ -20,13 +20,18 @@
 
 #include "support/common.h"
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -722,4 +727,48 @@ TEST_CASE("the CUDA launch batches cover every chunk of every tensor exactly onc
   }
   REQUIRE(total == chunks);
   REQUIRE(launches >= 3);
+}
+
+TEST_CASE("the CPU kernels' parallel_for runs on ATen's threads in a build without OpenMP", "[cpu]") {
+  // at::parallel_for is serial in a translation unit compiled without -fopenmp (as this one is:
+  // _OPENMP undefined) on LibTorch's OpenMP builds; slowed::cpu::parallel_for must not be.
+  const int threads = at::get_num_threads();
+  for (const int64_t n : {int64_t{1}, int64_t{2}, int64_t{7}, int64_t{1000}}) {
+    for (const int64_t grain : {int64_t{1}, int64_t{3}, int64_t{5000}}) {
+      INFO("n " << n << ", grain " << grain);
+      std::vector<std::atomic<int>> visits(static_cast<size_t>(n));
+      std::mutex m;
+      std::set<std::thread::id> ids;
+      int64_t calls = 0;
+      std::atomic<bool> bad_range{false};  // (Catch's assertions are for the main thread only)
+      slowed::cpu::parallel_for(10, 10 + n, grain, [&](int64_t b, int64_t e) {
+        if (!(10 <= b && b < e && e <= 10 + n)) {
+          bad_range = true;
+          return;
+        }
+        for (int64_t i = b; i < e; ++i) visits[static_cast<size_t>(i - 10)]++;
+        // Long enough that one thread cannot take every range before the others start.
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        std::lock_guard<std::mutex> lock(m);
+        ids.insert(std::this_thread::get_id());
+        ++calls;
+      });
+      CHECK_FALSE(bad_range.load());
+      for (const auto& v : visits) CHECK(v.load() == 1);
+      const int64_t expected = std::min<int64_t>(threads, (n + grain - 1) / grain);
+      CHECK(static_cast<int64_t>(ids.size()) == expected);
+      CHECK(calls == expected);
+    }
+  }
+  if (threads == 1) WARN("one ATen thread: the parallel branch was not exercised");
+  // An exception in a range reaches the caller.
+  CHECK_THROWS_WITH(slowed::cpu::parallel_for(0, 100, 1,
+                                              [](int64_t b, int64_t) {
+                                                TORCH_CHECK(b != 0, "range at 0 fails");
+                                              }),
+                    Catch::Contains("range at 0 fails"));
+  // An empty range calls nothing.
+  bool called = false;
+  slowed::cpu::parallel_for(5, 5, 1, [&](int64_t, int64_t) { called = true; });
+  CHECK_FALSE(called);
 }

@@ -2,7 +2,7 @@
 
 #include "common/mapped_file.h"
 
-#include <ATen/Parallel.h>
+#include <slowed/cpu/parallel.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <torch/torch.h>
@@ -266,7 +266,7 @@ void ggml_dequantize(GgmlType type, const uint8_t* src, float* dst, int64_t n) {
   const int64_t bs = r->block, bb = r->bytes;
   // Elementwise types: contiguous conversion in chunks; block types: one block per step.
   const int64_t grain = bs == 1 ? 1 << 16 : 256;
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  slowed::cpu::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     const uint8_t* s = src + begin * bb;
     float* y = dst + begin * bs;
     const int64_t count = end - begin;

@@ -25,7 +25,7 @@
 #include <slowed/cpu/simd.h>
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include <slowed/cpu/parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -222,13 +222,14 @@ void rows_baseline(const T* logits, T* grad, const int64_t* targets, const RowPa
   rows_body<T>(logits, grad, targets, p, o, b, e);
 }
 
-/// Runs the fused row kernel over rows [0, p.n) with at::parallel_for. `grad` may be null (no
-/// gradient wanted) or alias `logits` (in-place: each row is read fully before it is written).
+/// Runs the fused row kernel over rows [0, p.n) on ATen's intra-op threads (slowed/cpu/parallel.h).
+/// `grad` may be null (no gradient wanted) or alias `logits` (in-place: each row is read fully
+/// before it is written).
 template <class T>
 void entropy_masked_ce_rows(const T* logits, T* grad, const int64_t* targets, const RowParams& p,
                             const RowOutputs& o) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
-  at::parallel_for(0, p.n, grain, [&](int64_t b, int64_t e) {
+  slowed::cpu::parallel_for(0, p.n, grain, [&](int64_t b, int64_t e) {
 #ifdef SLOWED_HAVE_AVX2_DISPATCH
     if (cpu_has_avx2_fma()) return rows_avx2<T>(logits, grad, targets, p, o, b, e);
 #endif
@@ -280,7 +281,7 @@ template <class T>
 void scale_rows(const T* in, T* out, int64_t n, int64_t vocab, const float* row_factor,
                 float factor) {
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(vocab, 1));
-  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+  slowed::cpu::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
 #ifdef SLOWED_HAVE_AVX2_DISPATCH
     if (cpu_has_avx2_fma()) return scale_avx2<T>(in, out, vocab, row_factor, factor, b, e);
 #endif
@@ -345,7 +346,7 @@ inline void emce_zero_rows(const at::Tensor& grad, const at::Tensor& kernel_keep
   char* base = static_cast<char*>(grad.data_ptr());
   const size_t row_bytes = static_cast<size_t>(vocab) * grad.element_size();
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(vocab, 1));
-  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+  slowed::cpu::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       if (kk[i] && !k[i]) std::memset(base + static_cast<size_t>(i) * row_bytes, 0, row_bytes);
     }

@@ -30,7 +30,7 @@
 #include <slowed/loss/entropy_masked_linear_cross_entropy_options.h>
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include <slowed/cpu/parallel.h>
 #include <torch/autograd.h>
 
 #include <algorithm>
@@ -186,7 +186,7 @@ inline at::Tensor compact_kept_rows_(const at::Tensor& z, const at::Tensor& keep
     char* base = static_cast<char*>(z.data_ptr());
     const int64_t* dst = holes.data_ptr<int64_t>();
     const int64_t* src = movers.data_ptr<int64_t>();
-    at::parallel_for(0, holes.numel(), 1, [&](int64_t b, int64_t e) {
+    slowed::cpu::parallel_for(0, holes.numel(), 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i)
         std::memcpy(base + dst[i] * row_bytes, base + src[i] * row_bytes, row_bytes);
     });

@@ -1,7 +1,10 @@
 // bench_loss: entropy-masked cross-entropy, forward + backward, against the ATen composite and a
 // copy of the logits (the read-once/write-once roofline), measured in the same process. Rows:
 // the copy, the ATen composite, slowed's reference path (use_reference), slowed as dispatched
-// (fused CPU kernel; on CUDA the fused kernel when SLOWED_CUDA_KERNELS=1), and slowed in-place.
+// (fused CPU kernel, reusing its kept gradient buffer; on CUDA the fused kernel when
+// SLOWED_CUDA_KERNELS=1), slowed with a fresh gradient buffer per call, and slowed in-place.
+// peak_extra_MiB is the allocation during a call: the kept buffer (held between calls, the
+// size of one gradient) was allocated in the warm-up and does not appear in it.
 //
 //   bench_loss [--device cpu|cuda] [--n 2048] [--v 49152] [--dtype float32|bfloat16|float16]
 //              [--threads 0] [--iters 10] [--warmup 2] [--threshold 0.5] [--json out.json]
@@ -56,6 +59,7 @@ int main(int argc, char** argv) try {
   const double bytes = 2.0 * static_cast<double>(n * v) * static_cast<double>(c10::elementSize(dtype));
 
   std::vector<std::pair<std::string, bench::Measurement>> results;
+  double held_bytes = 0;  // the kept gradient buffer after the "slowed" row's calls
   {
     auto x = make_logits();
     results.emplace_back("copy (roofline)", bench::measure(device, warmup, iters, [&] {
@@ -86,14 +90,32 @@ int main(int argc, char** argv) try {
                            loss_fn(x, y).backward();
                            x.mutable_grad() = torch::Tensor();
                          }));
+    held_bytes = static_cast<double>(slowed::detail::GradientWorkspace::instance().bytes());
+    slowed::release_gradient_buffer();
+  }
+  {
+    // The same without the kept gradient buffer: every call allocates (and first-touches) a
+    // fresh [N, V] gradient, as before reuse_gradient_buffer existed.
+    auto x = make_logits();
+    slowed::EntropyMaskedCrossEntropy loss_fn(
+        slowed::EntropyMaskedCrossEntropyOptions().entropy_threshold(tau).reuse_gradient_buffer(false));
+    results.emplace_back("slowed, fresh gradient buffer", bench::measure(device, warmup, iters, [&] {
+                           loss_fn(x, y).backward();
+                           x.mutable_grad() = torch::Tensor();
+                         }));
   }
   {
     // In-place mode overwrites the logits with the gradient; later iterations see those
-    // (finite) values as logits, which costs the same.
+    // (finite) values as logits, which costs the same. The logits are a leaf here, so the
+    // library copies the gradient out for its .grad (a leaf's storage never holds its own
+    // gradient): this row pays one fresh [N, V] buffer, as the fresh-buffer row does; logits
+    // that come out of a layer would not. The library refuses logits it overwrote
+    // until something writes them again: a version bump stands for that write (no data pass).
     auto x = make_logits();
     slowed::EntropyMaskedCrossEntropy loss_fn(
         slowed::EntropyMaskedCrossEntropyOptions().entropy_threshold(tau).inplace_backward(true));
-    results.emplace_back("slowed in-place", bench::measure(device, warmup, iters, [&] {
+    results.emplace_back("slowed in-place, leaf logits (.grad copied out)", bench::measure(device, warmup, iters, [&] {
+                           torch::autograd::impl::bump_version(x);
                            auto xl = x.detach().requires_grad_(true);
                            loss_fn(xl, y).backward();
                          }));
@@ -112,6 +134,7 @@ int main(int argc, char** argv) try {
              {"GB_per_s", bytes / (m.median_ms * 1e6)},
              {"frac_copy_roofline", copy_ms / m.median_ms},
              {"peak_extra_MiB", m.peak_extra_bytes / (1024.0 * 1024.0)},
+             {"held_between_calls_MiB", name == "slowed" ? held_bytes / (1024.0 * 1024.0) : 0.0},
              {"speedup_vs_aten", aten_ms / m.median_ms}};
     rows.push_back(r);
   }

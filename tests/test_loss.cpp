@@ -1128,3 +1128,86 @@ TEST_CASE("logits and targets on different devices throw c10::Error naming targe
                                                            torch::zeros({4})),
                       Catch::Contains("reference_entropy"));
 }
+
+TEST_CASE("the kept CPU gradient buffer is reused only when no tensor holds it", "[cpu]") {
+  // reuse_gradient_buffer (default on): the fused CPU path writes its gradient into the buffer of
+  // an earlier call once autograd and every caller have let go of it, never into a gradient
+  // someone still holds; results are bitwise those of fresh buffers.
+  slowed::release_gradient_buffer();
+  const int64_t n = 48, v = 33;
+  const torch::Tensor targets = torch::randint(0, v, {n}, torch::kLong);
+  const Opts on = Opts().entropy_threshold(0.5);
+  const Opts off = Opts(on).reuse_gradient_buffer(false);
+  auto logits_of = [&](int seed) {
+    torch::manual_seed(seed);
+    return (torch::randn({n, v}) * 2.0).requires_grad_(true);
+  };
+  auto grad_of = [&](const torch::Tensor& x, const Opts& o) {
+    slowed::entropy_masked_cross_entropy(x, targets, o).backward();
+    return x.grad();
+  };
+  auto expected = [&](int seed) { return grad_of(logits_of(seed), off).clone(); };
+
+  torch::Tensor x1 = logits_of(1);
+  torch::Tensor g1 = grad_of(x1, on);  // fresh; the workspace keeps its storage
+  const void* kept = g1.data_ptr();
+  const torch::Tensor g1_copy = g1.clone();
+  CHECK(torch::equal(g1, expected(1)));
+  CHECK(slowed::detail::GradientWorkspace::instance().bytes() >= n * v * 4);
+
+  // g1 (x1.grad) still holds the kept buffer: the next call must not write into it.
+  torch::Tensor x2 = logits_of(2);
+  torch::Tensor g2 = grad_of(x2, on);
+  CHECK(g2.data_ptr() != kept);
+  CHECK(torch::equal(g1, g1_copy));
+  CHECK(torch::equal(g2, expected(2)));
+
+  // Every holder gone (the leaf's .grad and our copies of it): the next call reuses the buffer.
+  x1.mutable_grad() = torch::Tensor();
+  g1 = torch::Tensor();
+  torch::Tensor x3 = logits_of(3);
+  torch::Tensor g3 = grad_of(x3, on);
+  CHECK(g3.data_ptr() == kept);
+  CHECK(torch::equal(g3, expected(3)));
+  CHECK(torch::equal(g2, expected(2)));  // the busy call's own buffer was not touched either
+  x3.mutable_grad() = torch::Tensor();
+  g3 = torch::Tensor();
+
+  // Opting out never hands the kept buffer out.
+  torch::Tensor x4 = logits_of(4);
+  CHECK(grad_of(x4, off).data_ptr() != kept);
+
+  // A smaller call reuses it too; a larger one replaces the free buffer with its own.
+  {
+    torch::Tensor small = torch::randn({n / 2, v}).requires_grad_(true);
+    slowed::entropy_masked_cross_entropy(small, targets.slice(0, 0, n / 2), on).backward();
+    CHECK(small.grad().data_ptr() == kept);
+    CHECK(small.grad().sizes() == small.sizes());
+  }
+  {
+    torch::Tensor large = torch::randn({2 * n, v}).requires_grad_(true);
+    slowed::entropy_masked_cross_entropy(large, targets.repeat({2}), on).backward();
+    CHECK(slowed::detail::GradientWorkspace::instance().bytes() == 2 * n * v * 4);
+  }
+
+  // Through a layer (the trainer's case): the logits' gradient is consumed inside backward, so
+  // every step after the first reuses the buffer; the weights' gradients are bitwise those of
+  // fresh buffers.
+  for (int step = 0; step < 3; ++step) {
+    INFO("step " << step);
+    torch::manual_seed(10 + step);
+    const torch::Tensor h = torch::randn({n, 8});
+    torch::nn::Linear a(torch::nn::LinearOptions(8, v)), b(torch::nn::LinearOptions(8, v));
+    {
+      torch::NoGradGuard g;
+      b->weight.copy_(a->weight);
+      b->bias.copy_(a->bias);
+    }
+    slowed::entropy_masked_cross_entropy(a(h), targets, on).backward();
+    slowed::entropy_masked_cross_entropy(b(h), targets, off).backward();
+    CHECK(torch::equal(a->weight.grad(), b->weight.grad()));
+    CHECK(torch::equal(a->bias.grad(), b->bias.grad()));
+  }
+  CHECK(slowed::release_gradient_buffer() == 2 * n * v * 4);
+  CHECK(slowed::detail::GradientWorkspace::instance().bytes() == 0);
+}

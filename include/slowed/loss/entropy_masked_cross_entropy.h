@@ -13,6 +13,7 @@
 #include <slowed/cuda/entropy_masked_cross_entropy_cuda.h>
 #include <slowed/detail/backend.h>
 #include <slowed/detail/check.h>
+#include <slowed/detail/gradient_workspace.h>
 #include <slowed/loss/entropy_mask_stats.h>
 #include <slowed/loss/entropy_masked_cross_entropy_options.h>
 #include <slowed/loss/entropy_masked_cross_entropy_reference.h>
@@ -268,12 +269,18 @@ inline ForwardResult entropy_masked_ce_forward(const at::Tensor& logits, const a
   const bool fused_cpu = path == RowPath::Cpu;
   const bool fused_cuda = path == RowPath::Cuda;
   ForwardResult r;
-  // The kernels address the gradient as row-major [N, V]: a fresh buffer is allocated
-  // contiguous whatever the logits' strides; in place requires contiguous logits (checked).
+  // The kernels address the gradient as row-major [N, V]: a separate buffer is contiguous
+  // whatever the logits' strides (on CPU the kept one when free, gradient_workspace.h); in
+  // place requires contiguous logits (checked).
   if (need_grad) {
-    r.grad = opt.inplace_backward() ? in.logits
-                                    : at::empty({in.logits.size(0), in.logits.size(1)},
-                                                in.logits.options());
+    const int64_t rows = in.logits.size(0), cols = in.logits.size(1);
+    if (opt.inplace_backward()) {
+      r.grad = in.logits;
+    } else if (fused_cpu && opt.reuse_gradient_buffer()) {
+      r.grad = GradientWorkspace::instance().take(rows, cols, in.logits.options());
+    } else {
+      r.grad = at::empty({rows, cols}, in.logits.options());
+    }
   }
   at::Tensor kernel_keep;
   RowTerms terms = fused_cpu    ? fused_cpu_rows(in, opt, r.grad, kernel_keep)

@@ -115,6 +115,19 @@ class EntropyMaskedCrossEntropyOptions {
   }
   bool inplace_backward() const { return inplace_backward_; }
 
+  /// CPU, out of place: write the gradient into a buffer kept from the previous call when no
+  /// tensor holds that buffer any more (autograd has consumed the last gradient), instead of a
+  /// fresh [N, V] allocation whose first-touch page faults cost about as much as the kernel.
+  /// Results are bitwise the same. The buffer stays allocated between calls, the size of the
+  /// largest gradient so far; `slowed::release_gradient_buffer()` frees it. Default true; no
+  /// effect on CUDA (its caching allocator already recycles memory), on the reference path or
+  /// with inplace_backward.
+  EntropyMaskedCrossEntropyOptions& reuse_gradient_buffer(bool enabled) {
+    reuse_gradient_buffer_ = enabled;
+    return *this;
+  }
+  bool reuse_gradient_buffer() const { return reuse_gradient_buffer_; }
+
   /// Check targets (range) and logits (finite log-sum-exp) on every call. On CUDA this
   /// costs one host synchronization per call. Default true. -Inf logits are valid (a masked
   /// vocabulary entry has probability 0) and pass the check, also at the target: that token's
@@ -162,6 +175,7 @@ class EntropyMaskedCrossEntropyOptions {
   double lse_square_scale_ = 0.0;
   double softcap_ = 0.0;
   bool inplace_backward_ = false;
+  bool reuse_gradient_buffer_ = true;
   bool check_inputs_ = true;
   bool use_reference_ = false;
   std::shared_ptr<dist::Communicator> process_group_;

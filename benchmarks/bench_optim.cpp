@@ -12,7 +12,7 @@
 //
 //   bench_optim [--device cpu|cuda] [--tensors N] [--dim D] [--layers L] [--vocab V]
 //               [--threads 0] [--iters 5] [--warmup 2] [--sets fp32,bf16] [--json out.json]
-//               [--cuda-kernels 1]
+//               [--cuda-kernels 1] [--modes scale,step,drift,both] [--paths reference,generic,adam]
 //
 // GB/s counts the AdamW floor: read p, g, m, v and write p, m, v = 7 elements per parameter
 // (28 bytes fp32, 14 bytes bf16). frac_floor = (floor bytes / anchor bandwidth) / time, where
@@ -90,7 +90,8 @@ int main(int argc, char** argv) try {
                    {{"device", has_cuda ? "cuda" : "cpu"}, {"tensors", "0"}, {"dim", "0"},
                     {"layers", "-1"}, {"vocab", "49152"}, {"threads", "0"}, {"iters", "5"},
                     {"warmup", "2"}, {"sets", "fp32,bf16"}, {"json", ""},
-                    {"cuda-kernels", "1"}});
+                    {"cuda-kernels", "1"}, {"modes", "scale,step,drift,both"},
+                    {"paths", "reference,generic,adam"}});
   const torch::Device device(args.str("device"));
   if (args.i64("threads") > 0) at::set_num_threads(static_cast<int>(args.i64("threads")));
   if (device.is_cpu()) bench::cpu_tracker();  // install before anything is allocated
@@ -161,7 +162,9 @@ int main(int argc, char** argv) try {
          slowed::SlowTuningOptions().scale(0.1).max_relative_step(1e-3).max_relative_drift(0.05)},
     };
     for (const auto& [mode, slow] : modes) {
+      if (args.str("modes").find(mode.substr(0, mode.find(' '))) == std::string::npos) continue;
       for (const std::string path : {"reference", "generic", "adam"}) {
+        if (args.str("paths").find(path) == std::string::npos) continue;
         std::unique_ptr<torch::optim::Optimizer> opt;
         std::function<slowed::SlowTuningPath()> taken;
         if (path == "generic") {

@@ -630,14 +630,102 @@ TEST_CASE("Slow Tuning launches split over 24 tensors and 320 chunks and still r
   run_cpu(cpu, m);
   compare_st(emu, cpu, "batched " + m.name());
   int sums = 0, applies = 0;
+  std::vector<unsigned> finalize_grids;
   for (const auto& l : launches) {
     sums += l.kernel == "slowed_st_adam_sums";
     applies += l.kernel == "slowed_st_adam_apply";
+    if (l.kernel == "slowed_st_finalize") finalize_grids.push_back(l.grid.x);
     CHECK(l.block.x == 512);
     CHECK(l.grid.x <= 320);
   }
   CHECK(sums == 3);  // 30 small tensors: 24 + 6 (+ the first chunks of the big one), then 320 chunks
   CHECK(applies == sums);
+  // One block per tensor: 24, then 6 + the big one; the third batch only continues the big one.
+  CHECK(finalize_grids == std::vector<unsigned>{24, 7});
+}
+
+TEST_CASE("Slow Tuning tensors of more chunks than a launch holds: one finalize per tensor",
+          "[cpu]") {
+  slowed_emu::EmulatedDevice device;
+  // AdamW in fp32 (the tightest comparison), both bounds. Batches of at most 320 chunks:
+  //   1: t0 (1 chunk), t1 chunks 0..318
+  //   2: t1 chunks 319..512 (slot 0 continues it: finalized in batch 1), t2 (2 chunks, no
+  //      theta_0), t3 (1 element), t4
+  // t1 has 513 chunks, more than the finalize's 512 threads, so thread 0 adds two slots. The
+  // generic path shares the launcher and the finalize, and costs as much again to emulate.
+  const std::vector<int64_t> sizes = {5000, 513 * 65536 - 123, 131072, 1, 777};
+  StMode m;
+  m.max_step = 0.005;
+  m.max_drift = 0.01;
+  m.scale = 0.5;
+  std::vector<StTensor> emu, cpu;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    emu.push_back(make_tensor(sizes[i], at::kFloat, 700 + i, false, i != 2));
+    cpu.push_back(clone(emu.back()));
+  }
+  auto& launches = device.backend().launches;
+  launches.clear();
+  run_cuda(emu, m);
+  run_cpu(cpu, m);
+  compare_st(emu, cpu, "many chunks " + m.name());
+  std::vector<std::string> order;
+  std::vector<unsigned> finalize_grids;
+  for (const auto& l : launches) {
+    if (order.empty() || order.back() != l.kernel) order.push_back(l.kernel);
+    if (l.kernel == "slowed_st_finalize") finalize_grids.push_back(l.grid.x);
+  }
+  // Every sums launch, then every finalize, then every apply.
+  CHECK(order == std::vector<std::string>{"slowed_st_adam_sums", "slowed_st_finalize",
+                                          "slowed_st_adam_apply"});
+  CHECK(finalize_grids == std::vector<unsigned>{2, 3});  // t0 t1; t2 t3 t4
+}
+
+TEST_CASE("Slow Tuning batches finalize every tensor once: in the batch of its chunk 0",
+          "[cpu]") {
+  // The launcher's batching alone (no kernel runs; at::empty does not touch its pages), over
+  // layouts that split by tensor count, by chunk count inside a tensor, and exactly at a
+  // tensor's end (the next tensor is then filled into a batch launched without its blocks).
+  using slowed::cuda::detail::for_each_batch;
+  using slowed::cuda::detail::kMtChunk;
+  const int64_t C = kMtChunk;
+  const std::vector<std::vector<int64_t>> layouts = {
+      {1, 0, 5},
+      std::vector<int64_t>(50, 3),
+      {C, 319 * C, 7, 2 * C},               // batch 1 ends exactly with tensor 1
+      {C, 319 * C, 0, 7, 640 * C + 1, 9},   // then an empty tensor, a 641-chunk one
+      {5000, 513 * C - 123, 2 * C, 1, 777}, // the emulated case above
+  };
+  for (size_t li = 0; li < layouts.size(); ++li) {
+    std::vector<slowed::detail::SlowTuningOperands> ops(layouts[li].size());
+    std::vector<const slowed::detail::SlowTuningOperands*> ts;
+    for (size_t i = 0; i < ops.size(); ++i) {
+      ops[i].param = at::empty({layouts[li][i]}, at::kFloat);
+      ts.push_back(&ops[i]);
+    }
+    int total = 0;
+    const std::vector<int> first = slowed::cuda::detail::slot_layout(ts, &total);
+    std::vector<int> finalized(ts.size(), 0), chunk0_batch(ts.size(), -1),
+        finalize_batch(ts.size(), -1);
+    int batch = 0;
+    for_each_batch(ts, first, true, [&](slowed::cuda::detail::SlowMtArgs& args, int blocks) {
+      for (int b = 0; b < blocks; ++b) {
+        if (args.block_chunk[b] == 0) chunk0_batch[args.tensor_index[args.block_tensor[b]]] = batch;
+      }
+      int first_tensor = 0;
+      const int n = slowed::cuda::detail::finalize_tensors(args, blocks, &first_tensor);
+      for (int t = first_tensor; t < first_tensor + n; ++t) {
+        ++finalized[args.tensor_index[t]];
+        finalize_batch[args.tensor_index[t]] = batch;
+        CHECK(args.first_slot[t] == first[args.tensor_index[t]]);
+      }
+      ++batch;
+    });
+    for (size_t i = 0; i < ts.size(); ++i) {
+      INFO("layout " << li << " tensor " << i);
+      CHECK(finalized[i] == (layouts[li][i] > 0 ? 1 : 0));
+      CHECK(finalize_batch[i] == chunk0_batch[i]);
+    }
+  }
 }
 
 TEST_CASE("emulated Slow Tuning results do not depend on thread or block order; snapshot is a copy",

@@ -41,18 +41,20 @@ struct SlowMtArgs {
   long long numel[kMtTensors];
   float hyper[8][kMtTensors];
   int first_slot[kMtTensors];
+  int tensor_index[kMtTensors];
   int block_chunk[kMtBlocks];
   unsigned char block_tensor[kMtBlocks];
   unsigned char amsgrad[kMtTensors];
 };
-static_assert(sizeof(SlowMtArgs) == 3832, "SlowMtArgs: layout differs from the kernel source");
+static_assert(sizeof(SlowMtArgs) == 3928, "SlowMtArgs: layout differs from the kernel source");
 
 inline void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 using Operands = slowed::detail::SlowTuningOperands;
 
 /// Calls launch(args, blocks) for every batch of chunks of `ts` (one dtype), as PyTorch's
-/// multi_tensor_apply batches them; first_slot[i] is tensor i's first partial-sum slot. Slot
+/// multi_tensor_apply batches them; first_slot[i] is tensor i's first partial-sum slot, and
+/// SlowMtArgs::tensor_index its i (the place of its factors). Slot
 /// AUX of SlowMtArgs::ptr is the gradient for the Adam kernels (`adam`), else the snapshot
 /// `prev`; the Adam settings go to SlowMtArgs::hyper in the kernels' H_* order.
 template <class Launch>
@@ -75,6 +77,7 @@ void for_each_batch(const std::vector<const Operands*>& ts, const std::vector<in
                             h.eps,   h.step_size, h.bc2_sqrt,        h.weight_decay};
     for (int k = 0; k < 8; ++k) args.hyper[k][slot] = hyper[k];
     args.first_slot[slot] = first_slot[i];
+    args.tensor_index[slot] = static_cast<int>(i);
     args.amsgrad[slot] = h.amsgrad ? 1 : 0;
   };
   for (size_t i = 0; i < ts.size(); ++i) {
@@ -128,8 +131,18 @@ inline std::vector<int> slot_layout(const std::vector<const Operands*>& ts, int*
   return first;
 }
 
-/// Pass 1 (when a bound is on) and pass 2 of one dtype group, of the Adam kernels (`adam`) or
-/// the generic ones.
+/// The tensors of a batch of `blocks` chunks whose finalize it launches: slots *first .. the
+/// last block's. Slot 0 is skipped when it continues a tensor from the previous batch (block 0
+/// is not its chunk 0): that batch finalized it, so each tensor is finalized once. A tensor
+/// filled into a batch that was launched before any of its chunks joined has no block there
+/// and is finalized in the next. Returns the number of tensors (the finalize grid).
+inline int finalize_tensors(const SlowMtArgs& args, int blocks, int* first) {
+  *first = args.block_chunk[0] != 0 ? 1 : 0;
+  return args.block_tensor[blocks - 1] + 1 - *first;
+}
+
+/// Pass 1, the finalize (when a bound is on) and pass 2 of one dtype group, of the Adam kernels
+/// (`adam`) or the generic ones.
 inline void two_pass(const std::vector<const Operands*>& ts, slowed::detail::StorageDtype dtype,
                      const slowed::detail::SlowBounds& b, bool adam, bool decoupled) {
   if (ts.empty()) return;
@@ -139,25 +152,38 @@ inline void two_pass(const std::vector<const Operands*>& ts, slowed::detail::Sto
   const KernelSource& source = kernels::slow_tuning_source(dtype);
   int total = 0;
   const std::vector<int> first = slot_layout(ts, &total);
-  at::Tensor partials;
+  at::Tensor sums;
   void* partials_p = nullptr;
+  void* factors_p = nullptr;  // null: the apply kernels use (scale, 1)
   int decoupled_flag = decoupled ? 1 : 0;
+  double scale = b.scale, max_step = b.max_step, max_drift = b.max_drift, floor = b.norm_floor;
   if (b.any() && total > 0) {
-    partials = at::empty({static_cast<int64_t>(total) * 5},
-                         ts.front()->param.options().dtype(at::kDouble));
-    partials_p = partials.data_ptr();
+    // One allocation: 5 partial sums per chunk, then (a, g) per tensor (by its index in `ts`).
+    sums = at::empty({static_cast<int64_t>(total) * 5 + static_cast<int64_t>(ts.size()) * 2},
+                     ts.front()->param.options().dtype(at::kDouble));
+    partials_p = sums.data_ptr();
+    factors_p = sums.data_ptr<double>() + static_cast<int64_t>(total) * 5;
     const KernelHandle& k = get_kernel(source, sums_kernel, device);
     for_each_batch(ts, first, adam, [&](SlowMtArgs& args, int blocks) {
       void* params[] = {&args, &partials_p, &decoupled_flag};  // generic: the first two
       launch(k, {static_cast<unsigned>(blocks)}, {kMtThreads}, 0, params, device);
     });
+    // After every sums launch (same stream): a tensor's slots may span several batches.
+    const KernelHandle& f = get_kernel(source, "slowed_st_finalize", device);
+    for_each_batch(ts, first, adam, [&](SlowMtArgs& args, int blocks) {
+      int first_tensor = 0;
+      const int tensors = finalize_tensors(args, blocks, &first_tensor);
+      if (tensors == 0) return;  // only the continuation of a tensor finalized before
+      void* params[] = {&args,  &partials_p, &factors_p, &first_tensor,
+                        &scale, &max_step,   &max_drift, &floor};
+      launch(f, {static_cast<unsigned>(tensors)}, {kMtThreads}, 0, params, device);
+    });
   }
-  double scale = b.scale, max_step = b.max_step, max_drift = b.max_drift, floor = b.norm_floor;
   const KernelHandle& k = get_kernel(source, apply_kernel, device);
   for_each_batch(ts, first, adam, [&](SlowMtArgs& args, int blocks) {
-    // The generic apply kernel takes the first six (cuLaunchKernel reads as many arguments as
+    // The generic apply kernel takes the first three (cuLaunchKernel reads as many arguments as
     // the kernel declares).
-    void* params[] = {&args, &partials_p, &scale, &max_step, &max_drift, &floor, &decoupled_flag};
+    void* params[] = {&args, &factors_p, &scale, &decoupled_flag};
     launch(k, {static_cast<unsigned>(blocks)}, {kMtThreads}, 0, params, device);
   });
 }

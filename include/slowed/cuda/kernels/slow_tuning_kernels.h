@@ -11,21 +11,25 @@
 // no device-side metadata and no host copy. One block per chunk.
 //
 //  - Generic path (any Base): `slowed_st_snapshot` copies theta into a snapshot before
-//    Base::step; afterwards `slowed_st_generic_sums` (only with a bound) reduces per chunk the
-//    five sums below and `slowed_st_generic_apply` rewrites theta <- theta - (1 - a)(theta -
-//    theta_prev) and projects onto the drift ball.
+//    Base::step; afterwards `slowed_st_generic_sums` and `slowed_st_finalize` (only with a
+//    bound) reduce the five sums below to the factors, and `slowed_st_generic_apply` rewrites
+//    theta <- theta - (1 - a)(theta - theta_prev) and projects onto the drift ball.
 //  - Adam path (AdamW, Adam): no snapshot, no Base::step. `slowed_st_adam_sums` computes the
-//    Adam update u of every element without writing anything and reduces the sums;
-//    `slowed_st_adam_apply` recomputes u (same code, same inputs) and writes theta = theta +
-//    a u (projected), exp_avg, exp_avg_sq and max_exp_avg_sq in one pass. Step-scale mode needs
-//    only the apply pass.
+//    Adam update u of every element without writing anything and reduces the sums, then
+//    `slowed_st_finalize` (the same kernel) the factors; `slowed_st_adam_apply` recomputes u
+//    (same code, same inputs) and writes theta = theta + a u (projected), exp_avg, exp_avg_sq
+//    and max_exp_avg_sq in one pass. Step-scale mode needs only the apply pass.
 // Sums per tensor, in fp64 (u: the step; p = theta_prev; d = p - theta_0; t = theta_0):
 //   uu = ||u||^2, pp = ||p||^2, du = <d, u>, dd = ||d||^2, tt = ||t||^2.
-// Each sums block writes its chunk's partial sums to its own slot; each apply block reduces the
-// slots of its tensor (in a fixed order, so every block of a tensor gets the same bits) and
-// computes the factors itself (`slow_factors`, the device twin of slowed::cpu::slow_factors):
+// Each sums block writes its chunk's partial sums to its own slot. Between the two passes
+// `slowed_st_finalize`, one block per tensor, reduces the slots of its tensor in a fixed order
+// (results identical run to run) and computes the tensor's factors once (`slow_factors`, the
+// device twin of slowed::cpu::slow_factors):
 //   a = s * min(1, r max(||p||, floor) / (s ||u||)),   g = min(1, R max(||t||, floor) / ||d + a u||),
-// with ||d + a u||^2 = dd + 2a du + a^2 uu. Nothing synchronizes with the host.
+// with ||d + a u||^2 = dd + 2a du + a^2 uu, into 2 doubles per tensor; each apply block reads
+// its tensor's two. (When every apply block reduced all slots of its tensor itself, a tensor of
+// C chunks cost C^2 slot reads: 5.2M, 210 MB, for the 2289 chunks of a 150M-element embedding.)
+// Nothing synchronizes with the host.
 //
 // Conventions: no #include (bf16/fp16 conversions are bit operations or inline PTX), extern "C"
 // entry points, 64-bit element indices, fixed reduction order (results identical run to run),
@@ -76,11 +80,12 @@ struct SlowMtArgs {
   long long numel[SLOWED_MT_TENSORS];
   float hyper[8][SLOWED_MT_TENSORS];
   int first_slot[SLOWED_MT_TENSORS];              // partial-sum slot of the tensor's chunk 0
+  int tensor_index[SLOWED_MT_TENSORS];            // in the call: its factors' place
   int block_chunk[SLOWED_MT_BLOCKS];              // chunk index within its tensor
   unsigned char block_tensor[SLOWED_MT_BLOCKS];   // tensor index within this launch
   unsigned char amsgrad[SLOWED_MT_TENSORS];
 };
-static_assert(sizeof(SlowMtArgs) == 3832, "SlowMtArgs: layout differs from the host mirror");
+static_assert(sizeof(SlowMtArgs) == 3928, "SlowMtArgs: layout differs from the host mirror");
 
 // Sum over the block of 5 doubles; every thread gets the same bits (xor butterflies give all
 // lanes the same association, and the second level runs identically in every warp).
@@ -140,19 +145,16 @@ __device__ __forceinline__ void slow_factors(const double* s, double scale, doub
   }
 }
 
-// The factors of tensor t in an apply pass: (scale, 1) without partials (no bound), else from
-// the tensor's sums.
+// The factors of tensor t in an apply pass: (scale, 1) without factors (no bound), else the two
+// that slowed_st_finalize wrote for it.
 __device__ __forceinline__ void apply_factors(const SlowMtArgs& args, int t,
-                                              const double* partials, double scale,
-                                              double max_step, double max_drift,
-                                              double norm_floor, bool has_initial, double* a,
-                                              double* g) {
+                                              const double* __restrict__ factors, double scale,
+                                              double* a, double* g) {
   *a = scale;
   *g = 1.0;
-  if (partials) {
-    double s[5];
-    tensor_sums(args.numel[t], args.first_slot[t], partials, s);
-    slow_factors(s, scale, max_step, max_drift, norm_floor, has_initial, a, g);
+  if (factors) {
+    *a = factors[2LL * args.tensor_index[t]];
+    *g = factors[2LL * args.tensor_index[t] + 1];
   }
 }
 
@@ -194,6 +196,26 @@ slowed_st_snapshot(SlowMtArgs args) {
   for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) dst[i] = src[i];
 }
 
+// ---- finalize (between the sums and the apply pass, with a bound) ---------------------------
+
+// Block b: tensor first + b of the launch's SlowMtArgs (the launch batches of the two passes;
+// first = 1 when slot 0 continues a tensor whose chunk 0, and so its finalize, was in an earlier
+// batch: one finalize per tensor). Reduces the tensor's slots (tensor_sums, every thread gets
+// the same bits) and writes (a, g) to factors[2 tensor_index].
+extern "C" __global__ void __launch_bounds__(SLOWED_MT_THREADS)
+slowed_st_finalize(SlowMtArgs args, const double* partials, double* factors, int first,
+                   double scale, double max_step, double max_drift, double norm_floor) {
+  const int t = first + blockIdx.x;
+  double s[5], a, g;
+  tensor_sums(args.numel[t], args.first_slot[t], partials, s);
+  slow_factors(s, scale, max_step, max_drift, norm_floor, args.ptr[SLOT_INITIAL][t] != nullptr,
+               &a, &g);
+  if (threadIdx.x == 0) {
+    factors[2LL * args.tensor_index[t]] = a;
+    factors[2LL * args.tensor_index[t] + 1] = g;
+  }
+}
+
 // ---- generic path (after Base::step; x = theta as Base wrote it) -----------------------------
 
 // Sums with u = x - theta_prev (0 without a snapshot) and p = theta_prev (x without one).
@@ -218,10 +240,9 @@ slowed_st_generic_sums(SlowMtArgs args, double* partials) {
 }
 
 // theta <- theta - (1 - a)(theta - theta_prev), then theta <- theta - (1 - g)(theta - theta_0)
-// when g < 1. With partials == null: a = scale, g = 1. Factors (1, 1) write nothing.
+// when g < 1. With factors == null: a = scale, g = 1. Factors (1, 1) write nothing.
 extern "C" __global__ void __launch_bounds__(SLOWED_MT_THREADS)
-slowed_st_generic_apply(SlowMtArgs args, const double* partials, double scale, double max_step,
-                        double max_drift, double norm_floor) {
+slowed_st_generic_apply(SlowMtArgs args, const double* factors, double scale) {
   const int t = args.block_tensor[blockIdx.x];
   const long long begin = static_cast<long long>(args.block_chunk[blockIdx.x]) * SLOWED_MT_CHUNK;
   const long long end = min(args.numel[t], begin + SLOWED_MT_CHUNK);
@@ -229,7 +250,7 @@ slowed_st_generic_apply(SlowMtArgs args, const double* partials, double scale, d
   const storage_t* __restrict__ prev = static_cast<const storage_t*>(args.ptr[SLOT_AUX][t]);
   const storage_t* __restrict__ init = static_cast<const storage_t*>(args.ptr[SLOT_INITIAL][t]);
   double a, g;
-  apply_factors(args, t, partials, scale, max_step, max_drift, norm_floor, init != nullptr, &a, &g);
+  apply_factors(args, t, factors, scale, &a, &g);
   const bool rewrite = prev != nullptr && a != 1.0;
   const bool project = init != nullptr && g < 1.0;
   if (!rewrite && !project) return;
@@ -312,11 +333,10 @@ slowed_st_adam_sums(SlowMtArgs args, double* partials, int decoupled) {
   write_partials(partials, args.first_slot[t], chunk, s);
 }
 
-// Pass 2 (the only pass in step-scale mode, partials == null: a = scale, g = 1):
+// Pass 2 (the only pass in step-scale mode, factors == null: a = scale, g = 1):
 // theta <- p + a u, projected when g < 1; the moments are stored as computed.
 extern "C" __global__ void __launch_bounds__(SLOWED_MT_THREADS)
-slowed_st_adam_apply(SlowMtArgs args, const double* partials, double scale, double max_step,
-                     double max_drift, double norm_floor, int decoupled) {
+slowed_st_adam_apply(SlowMtArgs args, const double* factors, double scale, int decoupled) {
   const int t = args.block_tensor[blockIdx.x];
   const long long begin = static_cast<long long>(args.block_chunk[blockIdx.x]) * SLOWED_MT_CHUNK;
   const long long end = min(args.numel[t], begin + SLOWED_MT_CHUNK);
@@ -329,7 +349,7 @@ slowed_st_adam_apply(SlowMtArgs args, const double* partials, double scale, doub
       static_cast<storage_t*>(args.ptr[SLOT_MAX_EXP_AVG_SQ][t]);
   const storage_t* __restrict__ init = static_cast<const storage_t*>(args.ptr[SLOT_INITIAL][t]);
   double a, g;
-  apply_factors(args, t, partials, scale, max_step, max_drift, norm_floor, init != nullptr, &a, &g);
+  apply_factors(args, t, factors, scale, &a, &g);
   const float fa = static_cast<float>(a);
   const bool project = init != nullptr && g < 1.0;
   const float one_minus_g = static_cast<float>(1.0 - g);
@@ -353,8 +373,8 @@ slowed_st_adam_apply(SlowMtArgs args, const double* partials, double scale, doub
 inline const KernelSource& slow_tuning_source(slowed::detail::StorageDtype dtype) {
   static const StorageVariants variants(KernelSource(
       "slow_tuning", with_storage_prelude(kSlowTuningSource),
-      {"slowed_st_snapshot", "slowed_st_generic_sums", "slowed_st_generic_apply",
-       "slowed_st_adam_sums", "slowed_st_adam_apply"}));
+      {"slowed_st_snapshot", "slowed_st_generic_sums", "slowed_st_finalize",
+       "slowed_st_generic_apply", "slowed_st_adam_sums", "slowed_st_adam_apply"}));
   return variants[dtype];
 }
 
